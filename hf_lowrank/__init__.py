@@ -1,0 +1,25 @@
+"""hf_lowrank: memory-efficient training methods for the Hugging Face stack.
+
+Top-level names are imported lazily so ``import hf_lowrank`` stays cheap and optional dependencies
+(bitsandbytes, peft, ...) are only touched by the methods that need them.
+"""
+import importlib
+
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_optimizer": "hf_lowrank.optim",
+    "available_modes": "hf_lowrank.optim",
+    "register_mode": "hf_lowrank.optim",
+    "optimizer_state_bytes": "hf_lowrank.optim",
+    "optimizer_cls_and_kwargs": "hf_lowrank.optim",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_lowrank' has no attribute {name!r}")
