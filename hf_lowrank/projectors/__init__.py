@@ -1,6 +1,41 @@
-"""Subspace bases for low-rank gradient projection. One basis per file; tensor-only state."""
+"""Subspace bases for low-rank gradient projection. One basis per file; tensor-only state.
+
+``get_projector(name, shape, rank, proj_type, **options)`` builds one from the registry below; optimizers
+and tuners refer to projectors by these names only.
+"""
 from .base import PROJ_TYPES, Projector, resolve_side
+from .dct import DCTProjector, dct_matrix
+from .quantized import QuantizedProjector, dequantize_groups, quantize_groups
+from .random import RandomProjector
+from .randomized import RandomizedSVDProjector
 from .svd import SVDProjector
 
 
-__all__ = ["PROJ_TYPES", "Projector", "SVDProjector", "resolve_side"]
+PROJECTORS: dict[str, type[Projector]] = {
+    "svd": SVDProjector,
+    "randomized": RandomizedSVDProjector,
+    "dct": DCTProjector,
+    "random": RandomProjector,
+}
+
+
+def get_projector(name: str, shape, rank: int, proj_type: str = "std", quant_bits: int | None = None,
+                  quant_group_size: int = 256, **options) -> Projector:
+    """Build a projector by registry name; ``quant_bits`` (e.g. 4) stores an SVD-type basis quantised."""
+    if name not in PROJECTORS:
+        raise ValueError(f"Unknown projector {name!r}; available: {sorted(PROJECTORS)}.")
+    cls = PROJECTORS[name]
+    try:
+        projector = cls(shape, rank, proj_type, **options)
+    except TypeError as err:
+        raise TypeError(f"Projector {name!r} got an unsupported option ({err}).") from None
+    if quant_bits is not None:
+        projector = QuantizedProjector(projector, bits=quant_bits, group_size=quant_group_size)
+    return projector
+
+
+__all__ = [
+    "PROJECTORS", "PROJ_TYPES", "DCTProjector", "Projector", "QuantizedProjector", "RandomProjector",
+    "RandomizedSVDProjector", "SVDProjector", "dct_matrix", "dequantize_groups", "get_projector",
+    "quantize_groups", "resolve_side",
+]

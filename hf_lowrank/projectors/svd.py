@@ -20,10 +20,13 @@ class SVDProjector(Projector):
         self.sign_convention = sign_convention
         self._q: torch.Tensor | None = None
 
-    def _fit(self, grad: torch.Tensor) -> None:
+    def _singular_vectors(self, grad: torch.Tensor) -> torch.Tensor:
+        """Leading singular vectors of the projected side, as columns (``dim x rank``)."""
         u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-        q = u[:, : self.rank] if self.side == "left" else vh[: self.rank].T
-        self._q = self._fix_signs(q.contiguous())
+        return u[:, : self.rank] if self.side == "left" else vh[: self.rank].T
+
+    def _fit(self, grad: torch.Tensor) -> None:
+        self._q = self._fix_signs(self._singular_vectors(grad).contiguous())
 
     def _fix_signs(self, q: torch.Tensor) -> torch.Tensor:
         if self.sign_convention == "none":
@@ -36,7 +39,7 @@ class SVDProjector(Projector):
 
     def basis(self) -> torch.Tensor:
         if self._q is None:
-            raise RuntimeError("SVDProjector.basis() called before update().")
+            raise RuntimeError(f"{type(self).__name__}.basis() called before update().")
         return self._q
 
     def state_dict(self):
