@@ -1,0 +1,269 @@
+"""Layer-wise updates (hf_lowrank.optim.layerwise): same result as a normal step, less gradient memory."""
+import copy
+import io
+
+import pytest
+import torch
+from accelerate.state import GradientState
+
+from hf_lowrank.optim.layerwise import LayerwiseOptimizer, make_layerwise
+from tests.conftest import make_tiny_llama
+
+
+class StandInAdam(torch.optim.Optimizer):
+    """Plain Adam with the per-parameter entry point the layer-wise wrapper needs."""
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step_parameter(self, p, group):
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = state["step"].item()
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_parameter(p, group)
+
+
+def make_optimizer(model):
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim != 2]
+    return StandInAdam([{"params": decay, "weight_decay": 0.1}, {"params": no_decay}], lr=1e-2)
+
+
+def batches(count, seed=0, batch=2, seq=16, vocab=256):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=generator) for _ in range(count)]
+
+
+def backward(model, ids, scale=1.0):
+    (model(input_ids=ids, labels=ids).loss * scale).backward()
+
+
+def warmup_schedule(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 4)
+
+
+@pytest.fixture
+def models():
+    reference = make_tiny_llama()
+    layerwise = copy.deepcopy(reference)
+    yield reference, layerwise
+
+
+@pytest.fixture(autouse=True)
+def restore_sync_gradients():
+    yield
+    GradientState()._set_sync_gradients(True)
+
+
+def assert_same_parameters(model_a, model_b, rtol=1e-6, atol=1e-7):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def train_reference(model, data, accumulation):
+    optimizer = make_optimizer(model)
+    scheduler = warmup_schedule(optimizer)
+    for start in range(0, len(data), accumulation):
+        for ids in data[start : start + accumulation]:
+            backward(model, ids, 1 / accumulation)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_layerwise_matches_normal_step(models, accumulation):
+    reference, model = models
+    data = batches(6)
+    train_reference(reference, data, accumulation)
+
+    optimizer = make_layerwise(make_optimizer(model), model, gradient_accumulation_steps=accumulation)
+    scheduler = warmup_schedule(optimizer)
+    for start in range(0, len(data), accumulation):
+        for ids in data[start : start + accumulation]:
+            backward(model, ids, 1 / accumulation)
+        optimizer.step()
+        scheduler.step()
+    optimizer.remove_hooks()
+    assert_same_parameters(reference, model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_accumulation_follows_accelerate_sync_gradients(models):
+    """Without a counter, the wrapper steps exactly when Trainer/accelerate mark the last micro-batch."""
+    reference, model = models
+    data = batches(4)
+    train_reference(reference, data, 2)
+
+    optimizer = make_layerwise(make_optimizer(model), model)
+    scheduler = warmup_schedule(optimizer)
+    for index, ids in enumerate(data):
+        last = index % 2 == 1
+        GradientState()._set_sync_gradients(last)  # what Trainer does before each micro-batch
+        backward(model, ids, 0.5)
+        if not last:  # the first micro-batch only accumulated
+            assert all(p.grad is not None for p in model.parameters())
+        else:
+            optimizer.step()
+            scheduler.step()
+    optimizer.remove_hooks()
+    assert_same_parameters(reference, model)
+
+
+def test_at_most_one_full_gradient_alive(models):
+    _, model = models
+    inner = make_optimizer(model)
+    alive = []
+    step_parameter = inner.step_parameter
+
+    def counting_step_parameter(p, group):
+        alive.append(sum(q.grad is not None for q in model.parameters()))
+        step_parameter(p, group)
+
+    inner.step_parameter = counting_step_parameter
+    optimizer = make_layerwise(inner, model)
+    for ids in batches(2):
+        backward(model, ids)
+    optimizer.remove_hooks()
+    assert len(alive) == 2 * len(list(model.parameters()))
+    assert max(alive) == 1
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_true_grad_norm_matches_clip_grad_norm(models, accumulation):
+    reference, model = models
+    data = batches(accumulation, seed=3)
+    for ids in data:
+        backward(reference, ids, 1 / accumulation)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf")).item()
+
+    optimizer = make_layerwise(make_optimizer(model), model, gradient_accumulation_steps=accumulation)
+    assert optimizer.last_grad_norm is None
+    for ids in data:
+        backward(model, ids, 1 / accumulation)
+    optimizer.remove_hooks()
+    assert optimizer.last_grad_norm == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+
+def test_grad_norm_of_a_step_that_misses_parameters_is_closed_by_step(models):
+    """A parameter without gradient this step (unused) leaves the record open until step() closes it."""
+    _, model = models
+    embeddings, head = model.model.embed_tokens.weight, model.lm_head.weight
+    optimizer = make_layerwise(StandInAdam([embeddings, head]), model)
+    ids = batches(1)[0]
+    expected = torch.autograd.grad(embeddings[ids].pow(2).sum(), embeddings)[0].norm().item()
+    embeddings[ids].pow(2).sum().backward()  # lm_head gets no gradient
+    assert optimizer.last_grad_norm is None
+    optimizer.step()
+    optimizer.remove_hooks()
+    assert optimizer.last_grad_norm == pytest.approx(expected, rel=1e-6)
+
+
+def test_scheduler_drives_the_learning_rate_used_in_hooks(models):
+    _, model = models
+    optimizer = make_layerwise(make_optimizer(model), model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0 if step == 1 else 1.0)
+    data = batches(2)
+    backward(model, data[0])
+    optimizer.step()
+    scheduler.step()  # lr is 0 for the second step: the hooks must not move any weight
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, data[1])
+    optimizer.remove_hooks()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert [g["lr"] for g in optimizer.optimizer.param_groups] == [0.0, 0.0]
+
+
+def test_scheduler_still_drives_the_hooks_after_load_state_dict(models):
+    """load_state_dict replaces the inner optimizer's group dicts; the wrapper must follow them."""
+    _, model = models
+    optimizer = make_layerwise(make_optimizer(model), model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** (step + 1))
+    optimizer.load_state_dict(optimizer.state_dict())
+    optimizer.step()
+    scheduler.step()
+    optimizer.remove_hooks()
+    assert [g["lr"] for g in optimizer.optimizer.param_groups] == [1e-2 * 0.25] * 2
+
+
+def test_state_dict_round_trip_weights_only_and_resume(models):
+    reference, model = models
+    data = batches(5)
+    optimizer = make_layerwise(make_optimizer(reference), reference)
+    for ids in data[:3]:
+        backward(reference, ids)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    model.load_state_dict(reference.state_dict())
+    for ids in data[3:]:
+        backward(reference, ids)
+    optimizer.remove_hooks()
+
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed = make_layerwise(make_optimizer(model), model)
+    resumed.load_state_dict(state)
+    for ids in data[3:]:
+        backward(model, ids)
+    resumed.remove_hooks()
+    assert resumed.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    assert_same_parameters(reference, model, rtol=0, atol=0)
+
+
+def test_ddp_is_refused(models, monkeypatch):
+    _, model = models
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(NotImplementedError, match="layerwise=False"):
+        make_layerwise(make_optimizer(model), model)
+
+
+def test_ddp_set_up_after_the_optimizer_is_refused_at_the_first_step(models, monkeypatch):
+    _, model = models
+    optimizer = make_layerwise(make_optimizer(model), model)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    try:
+        with pytest.raises(NotImplementedError, match="world_size=2"):
+            backward(model, batches(1)[0])
+    finally:
+        optimizer.remove_hooks()
+
+
+def test_remove_hooks_leaves_gradients_alone(models):
+    _, model = models
+    optimizer = make_layerwise(make_optimizer(model), model)
+    optimizer.remove_hooks()
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, batches(1)[0])
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_bad_input_gets_clear_errors(models):
+    _, model = models
+    with pytest.raises(TypeError, match="step_parameter"):
+        make_layerwise(torch.optim.AdamW(model.parameters()), model)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        make_layerwise(make_optimizer(model), model, gradient_accumulation_steps=0)
+    with pytest.raises(ValueError, match="not in `model`"):
+        make_layerwise(StandInAdam([torch.nn.Parameter(torch.zeros(3))]), model)
+    assert isinstance(make_layerwise(make_optimizer(model), model), LayerwiseOptimizer)
