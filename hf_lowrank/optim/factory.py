@@ -1,0 +1,110 @@
+"""``create_optimizer`` / ``optimizer_cls_and_kwargs``: a model + a mode name -> a ready ``ProjectedOptimizer``."""
+from typing import Any
+
+import torch.nn as nn
+
+from ..utils import find_target_linears
+from .inner import INNER_OPTION_DEFAULTS
+from .modes import get_mode
+from .optimizer import PROJECTION_DEFAULTS, ProjectedOptimizer, projector_option_names
+
+
+# Options that shape the projected group (everything else is an inner, optimizer-level or projector option).
+_GROUP_OPTIONS = ("rank", "density", "update_proj_gap", "scale", "residual_lr_scale")
+_SPEC_OPTIONS = ("projector", "inner", "moment_policy", "residual")
+
+
+def optimizer_cls_and_kwargs(
+    model: nn.Module,
+    mode: str = "galore",
+    *,
+    target_modules="all-linear",
+    rank: int | None = None,
+    update_proj_gap: int | None = None,
+    scale: float | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    proj_type: str = "std",
+    **mode_options: Any,
+) -> tuple[type, dict]:
+    """``(ProjectedOptimizer, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs include ``params``.
+
+    ``rank``/``update_proj_gap``/``scale`` left as ``None`` take the mode's defaults (GaLore modes: 128 / 200 / 0.25;
+    ``frugal``: ``density`` 0.25 / 200 / 1.0). ``mode_options`` override the mode's parts (``projector``, ``inner``,
+    ``moment_policy``, ``residual``) and set any option: ``density``, ``residual_lr_scale`` (FRUGAL's
+    ``inactive_lr_scale`` is accepted as its name there), ``nonfinite``, inner options (``min_8bit_size``,
+    ``block_size``, ``beta1``, ``decay_rate``, ``clip_threshold``, ``adafactor_eps``) and projector options
+    (e.g. ``sign_convention``, ``seed``, ``oversample``, ``niter``, ``norm``, ``quant_bits``).
+    """
+    spec = get_mode(mode)
+    if "inactive_lr_scale" in mode_options:
+        if "residual_lr_scale" in mode_options:
+            raise ValueError("Pass either `residual_lr_scale` or FRUGAL's name for it, `inactive_lr_scale`, not both.")
+        mode_options["residual_lr_scale"] = mode_options.pop("inactive_lr_scale")
+    given = {k: v for k, v in {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale}.items() if v is not None}
+    options = {**spec.defaults, **given, **mode_options}
+    parts = {key: options.pop(key, getattr(spec, key)) for key in _SPEC_OPTIONS}
+    nonfinite = options.pop("nonfinite", "skip")
+    inner_options = {k: options.pop(k) for k in list(options) if k in INNER_OPTION_DEFAULTS}
+    group_options = {k: options.pop(k) for k in list(options) if k in _GROUP_OPTIONS}
+    if "density" in group_options and "rank" not in given and "rank" not in mode_options:
+        group_options["rank"] = None  # FRUGAL: rank follows density
+    if parts["projector"] is not None:
+        allowed = projector_option_names(parts["projector"])
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            valid = sorted(set(_GROUP_OPTIONS) | set(_SPEC_OPTIONS) | set(INNER_OPTION_DEFAULTS) | set(allowed))
+            raise ValueError(f"Unknown option(s) {unknown} for mode {mode!r}. Valid options: {valid} (and nonfinite).")
+    elif options:
+        valid = sorted(set(_SPEC_OPTIONS) | set(INNER_OPTION_DEFAULTS))
+        raise ValueError(f"Unknown option(s) {sorted(options)} for mode {mode!r} (no projection). Valid: {valid}.")
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    if parts["projector"] is None:
+        groups.append({"params": [p for _, p in trainable], "param_names": [n for n, _ in trainable]})
+    else:
+        targets = find_target_linears(model, target_modules)
+        projected_ids = {id(m.weight) for _, m in targets if m.weight.requires_grad and m.weight.dim() == 2}
+        if not projected_ids:
+            raise ValueError(
+                f"`target_modules`={target_modules!r} matched {len(targets)} nn.Linear module(s) but none has a "
+                "trainable 2-D weight (frozen?). Unfreeze them or target other modules."
+            )
+        plain = [(n, p) for n, p in trainable if id(p) not in projected_ids]
+        projected = [(n, p) for n, p in trainable if id(p) in projected_ids]
+        if plain:
+            groups.append({"params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
+        groups.append({
+            "params": [p for _, p in projected],
+            "param_names": [n for n, _ in projected],
+            **{k: v for k, v in PROJECTION_DEFAULTS.items() if k in ("rank", "density", "update_proj_gap", "scale")},
+            **group_options,
+            "proj_type": proj_type,
+            "projector": parts["projector"],
+            "projector_options": options,
+            "moment_policy": parts["moment_policy"],
+            "residual": parts["residual"],
+        })
+    kwargs = {"params": groups, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+              "inner": parts["inner"], "nonfinite": nonfinite, **inner_options}
+    return ProjectedOptimizer, kwargs
+
+
+def create_optimizer(model: nn.Module, mode: str = "galore", *, layerwise: bool = False, **kwargs: Any):
+    """Build the optimizer for ``model`` in ``mode`` (see :func:`optimizer_cls_and_kwargs` for every option).
+
+    Only the 2-D ``weight`` of ``nn.Linear`` modules matched by ``target_modules`` (transformers'
+    ``optim_target_modules`` semantics) is projected; every other trainable parameter gets the same inner optimizer
+    unprojected, in the same optimizer object. ``layerwise=True`` steps each parameter in a post-accumulate-grad
+    hook (``hf_lowrank.optim.layerwise``).
+    """
+    cls, cls_kwargs = optimizer_cls_and_kwargs(model, mode, **kwargs)
+    optimizer = cls(**cls_kwargs)
+    if layerwise:
+        from .layerwise import make_layerwise
+
+        return make_layerwise(optimizer, model)
+    return optimizer

@@ -1,0 +1,86 @@
+"""The mode registry: a mode is projector x inner optimizer x moment policy x residual rule (+ defaults).
+
+Later methods add modes with :func:`register_mode`; :func:`create_optimizer` looks names up here.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..projectors import PROJECTORS
+from .inner import INNER_OPTIMIZERS
+
+
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+RESIDUALS = ("none", "signsgd", "sgd")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What one optimizer mode is made of.
+
+    ``projector=None`` means no projection at all (full-rank baseline); ``defaults`` are option values (``rank``,
+    ``density``, ``scale``, ``update_proj_gap``, inner or projector options) used unless the caller passes them.
+    """
+
+    projector: str | None = field(metadata={"help": "Projector registry name ('svd', 'dct', ...) or None."})
+    inner: str = field(default="adamw", metadata={"help": "Inner optimizer: 'adamw', 'adamw8bit', 'adafactor'."})
+    moment_policy: str = field(default="keep", metadata={"help": "On refresh: 'keep', 'reset' or 'rotate'."})
+    residual: str = field(default="none", metadata={"help": "Out-of-subspace gradient: 'none', 'signsgd', 'sgd'."})
+    defaults: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "Default option values."})
+    description: str = field(default="", metadata={"help": "One line for docs and listings."})
+
+    def __post_init__(self):
+        if self.projector is not None and self.projector not in PROJECTORS:
+            raise ValueError(f"ModeSpec `projector`={self.projector!r}; available: {sorted(PROJECTORS)} or None.")
+        if self.inner not in INNER_OPTIMIZERS:
+            raise ValueError(f"ModeSpec `inner`={self.inner!r}; available: {sorted(INNER_OPTIMIZERS)}.")
+        if self.moment_policy not in MOMENT_POLICIES:
+            raise ValueError(f"ModeSpec `moment_policy`={self.moment_policy!r}; use one of {list(MOMENT_POLICIES)}.")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"ModeSpec `residual`={self.residual!r}; use one of {list(RESIDUALS)}.")
+        if self.moment_policy == "rotate" and not INNER_OPTIMIZERS[self.inner].supports_rotate:
+            raise ValueError(f"ModeSpec: inner {self.inner!r} cannot rotate its moments; use 'keep' or 'reset'.")
+
+
+_MODES: dict[str, ModeSpec] = {}
+
+
+def register_mode(name: str, spec: ModeSpec, *, overwrite: bool = False) -> None:
+    """Add a mode under ``name`` (raises if taken unless ``overwrite=True``)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Mode name must be a non-empty string, got {name!r}.")
+    if not isinstance(spec, ModeSpec):
+        raise TypeError(f"register_mode({name!r}, spec): `spec` must be a ModeSpec, got {type(spec).__name__}.")
+    if name in _MODES and not overwrite:
+        raise ValueError(f"Mode {name!r} is already registered; pass overwrite=True to replace it.")
+    _MODES[name] = spec
+
+
+def available_modes() -> list[str]:
+    return sorted(_MODES)
+
+
+def get_mode(name: str) -> ModeSpec:
+    if name not in _MODES:
+        raise ValueError(f"Unknown optimizer mode {name!r}. Available modes: {', '.join(available_modes())}.")
+    return _MODES[name]
+
+
+_GALORE = {"rank": 128, "update_proj_gap": 200, "scale": 0.25}
+
+for _name, _spec in {
+    "adamw": ModeSpec(None, description="Full-rank AdamW (baseline, same update formula as GaLore's)."),
+    "adamw_8bit": ModeSpec(None, inner="adamw8bit", description="Full-rank AdamW with 8-bit block-wise state."),
+    "galore": ModeSpec("svd", defaults=_GALORE, description="GaLore: exact SVD subspace, AdamW (Zhao et al. 2024)."),
+    "galore_8bit": ModeSpec("svd", inner="adamw8bit", defaults=_GALORE, description="GaLore with 8-bit AdamW state."),
+    "galore_adafactor": ModeSpec("svd", inner="adafactor", defaults=_GALORE, description="GaLore with Adafactor."),
+    "galore_randomized": ModeSpec("randomized", defaults=_GALORE, description="GaLore, randomized SVD (GaLore 2)."),
+    "galore_dct": ModeSpec("dct", defaults=_GALORE, description="SVD-free DCT column selection (Modoranu et al.)."),
+    "galore_dct_8bit": ModeSpec("dct", inner="adamw8bit", defaults=_GALORE, description="DCT basis + 8-bit state."),
+    "galore_random": ModeSpec("random", defaults=_GALORE, description="Seeded random orthonormal subspace."),
+    "frugal": ModeSpec(
+        "svd", moment_policy="reset", residual="signsgd",
+        defaults={"density": 0.25, "update_proj_gap": 200, "scale": 1.0, "residual_lr_scale": 1.0},
+        description="FRUGAL: AdamW in an SVD subspace (density 0.25, reset) + signSGD outside (Zmushko et al. 2025).",
+    ),
+}.items():
+    register_mode(_name, _spec)
