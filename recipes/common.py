@@ -75,6 +75,11 @@ class RecipeConfig:
         default="all-linear",
         metadata={"help": "Linear layers to project (or adapt with LoRA): 'all-linear', a regex, or a list."},
     )
+    task_overrides: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-task values, e.g. {mrpc: {lr: 2e-5}}; applied for the chosen task unless set on the "
+                  "command line (encodes per-task tables such as the GaLore paper's GLUE learning rates)."},
+    )
     mode_options: dict = field(
         default_factory=dict,
         metadata={"help": "Extra create_optimizer options, e.g. mode_options.moment_policy=rotate."},
@@ -93,6 +98,7 @@ class RecipeConfig:
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example (truncation length)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of steps with linear warm-up."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPU)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     seed: int = field(default=42, metadata={"help": "Random seed (data order, head initialisation)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on training examples."})
@@ -241,6 +247,12 @@ def load_config(config_cls, path: Optional[str] = None, overrides: tuple[str, ..
     yaml_mode = raw.get("mode")
     raw = apply_overrides(raw, list(overrides), config_cls)
     fields_ = config_fields(config_cls)
+    task = raw.get("task", fields_["task"].default)
+    per_task = (raw.get("task_overrides") or {}).get(task) or {}
+    if not isinstance(per_task, dict):
+        raise ValueError(f"task_overrides.{task} must be a mapping of key: value, got {per_task!r}.")
+    cli_keys = {item.split("=", 1)[0].strip().lstrip("-").replace("-", "_").split(".")[0] for item in overrides}
+    raw.update({k: v for k, v in per_task.items() if k not in cli_keys})
     for key in raw:
         if key not in fields_:
             raise _unknown_key_error(key, config_cls)
@@ -483,6 +495,7 @@ def training_arguments(cfg: RecipeConfig, **overrides):
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,
         max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
         save_strategy="no",

@@ -1,0 +1,155 @@
+"""recipes/common.py: config loading and overrides, mode checks, results JSON schema, tables and plots."""
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import common  # noqa: E402
+
+
+@dataclass
+class DemoConfig(common.RecipeConfig):
+    task: str = field(default="sst2", metadata={"help": "task"})
+    num_fewshot: int = field(default=5, metadata={"help": "recipe-specific key"})
+
+
+def write_yaml(tmp_path, text, name="minilm_galore.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_values_and_overrides_are_coerced(tmp_path):
+    path = write_yaml(tmp_path, "recipe: glue\nmode: galore\nlr: 1e-4\nmax_steps: 10\nrank: 8\n")
+    cfg = common.load_config(
+        DemoConfig, path,
+        ["lr=2e-5", "max_steps=1e2", "do_train=false", "target_modules=[query,value]", "scale=2",
+         "mode_options.moment_policy=rotate", "max_train_samples=none", "num_fewshot=0"],
+    )
+    assert cfg.lr == pytest.approx(2e-5) and isinstance(cfg.lr, float)  # PyYAML reads "2e-5" as a string
+    assert cfg.max_steps == 100 and isinstance(cfg.max_steps, int)
+    assert cfg.do_train is False
+    assert cfg.target_modules == ["query", "value"]
+    assert cfg.scale == 2.0 and isinstance(cfg.scale, float)
+    assert cfg.mode_options == {"moment_policy": "rotate"}
+    assert cfg.max_train_samples is None and cfg.num_fewshot == 0
+    assert cfg.config_name == "minilm"  # "<model>_<mode>" stem without the mode
+    assert cfg.run_name == "sst2--galore--minilm"
+    assert cfg.output_dir == "outputs/sst2--galore--minilm"
+    assert "lr=2e-5" in cfg.command and str(path) in cfg.command
+
+
+def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown config key `lerning_rate`.*Valid keys: .*batch_size.*num_fewshot"):
+        common.load_config(DemoConfig, None, ["lerning_rate=1e-3"])
+    with pytest.raises(ValueError, match=r"Did you mean `rank`"):
+        common.load_config(DemoConfig, write_yaml(tmp_path, "rnak: 4\n"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=ten", "`max_steps` expects int"),
+    ("max_steps=2.5", "`max_steps` expects int"),
+    ("do_train=maybe", "`do_train` expects bool"),
+    ("lr=-1", "`lr` must be > 0"),
+    ("max_steps=0", "`max_steps` must be"),
+    ("lr", "not of the form key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        common.load_config(DemoConfig, None, [override])
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_config(DemoConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        common.load_config(DemoConfig, write_yaml(tmp_path, "- a\n- b\n"))
+
+
+def test_task_overrides_apply_unless_given_on_the_command_line(tmp_path):
+    path = write_yaml(tmp_path, "lr: 2e-5\ntask_overrides:\n  mrpc: {lr: 3e-5, batch_size: 32}\n")
+    assert common.load_config(DemoConfig, path).lr == pytest.approx(2e-5)
+    cfg = common.load_config(DemoConfig, path, ["task=mrpc"])
+    assert (cfg.lr, cfg.batch_size) == (pytest.approx(3e-5), 32)
+    cfg = common.load_config(DemoConfig, path, ["task=mrpc", "lr=1e-5"])
+    assert (cfg.lr, cfg.batch_size) == (pytest.approx(1e-5), 32)
+
+
+def test_parse_args_checks_recipe_name(tmp_path):
+    path = write_yaml(tmp_path, "recipe: pretrain\n")
+    with pytest.raises(ValueError, match="for recipe `pretrain`, not `glue`"):
+        common.parse_args(DemoConfig, ["--config", str(path)], recipe="glue")
+    assert common.parse_args(DemoConfig, ["lr=1e-3"], recipe="glue").recipe == "glue"
+
+
+def test_unknown_mode_lists_valid_modes():
+    with pytest.raises(ValueError, match=r"Unknown mode 'galor'\. Valid modes: .*adamw.*galore.*lora"):
+        common.check_mode("galor")
+    common.check_mode("lora")
+
+
+def fake_record(tmp_path, mode, metric, step, state_bytes):
+    cfg = common.load_config(DemoConfig, None, [f"mode={mode}", "config_name=minilm", f"results_dir={tmp_path}"])
+    meter = common.RunMeter()
+    meter.step_times, meter.losses, meter.peak_bytes = [step] * 3, [(1, 0.7)], 2**20
+    return common.write_results(cfg, {"accuracy": metric}, meter=meter, main_metric="accuracy",
+                                examples_per_step=16, extra={"optimizer_state_bytes": state_bytes})
+
+
+def test_results_json_schema_table_and_plot(tmp_path):
+    from importlib import metadata
+
+    path = fake_record(tmp_path, "adamw", 0.8, 0.5, 4 * 2**20)
+    assert path.name == "sst2--adamw--minilm.json"
+    record = json.loads(path.read_text())
+    common.validate_results(record)
+    assert set(record) == {"run_info", "train_info", "meta_info"}
+    info = record["train_info"]
+    assert info["metrics"] == {"accuracy": 0.8} and info["step_time_median_s"] == 0.5
+    assert info["train_samples_per_s"] == pytest.approx(32.0) and info["peak_memory_bytes"] == 2**20
+    assert record["meta_info"]["versions"]["torch"] == metadata.version("torch")
+    assert record["run_info"]["config"]["mode"] == "adamw" and record["run_info"]["status"] == "ok"
+
+    fake_record(tmp_path, "galore", 0.79, 0.6, 2**20)
+    records = common.load_results(tmp_path)
+    table = common.results_table(records)
+    lines = table.splitlines()
+    assert lines[0].startswith("| task | mode | config | accuracy | optimizer state (MB) | step time / adamw")
+    adamw_row, galore_row = lines[2], lines[3]
+    assert "| adamw |" in adamw_row and "| 80.00 | 4.0 | 1.00 |" in adamw_row
+    assert "| galore |" in galore_row and "| 79.00 | 1.0 | 1.20 |" in galore_row
+    png = common.plot_results(records, tmp_path / "plot.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    broken = dict(record)
+    del broken["meta_info"]
+    with pytest.raises(ValueError, match="meta_info"):
+        common.validate_results(broken)
+
+
+def test_results_record_counts_params_and_optimizer_state(tiny_llama):
+    import torch
+
+    from hf_lowrank.optim import optimizer_state_bytes
+
+    cfg = common.load_config(DemoConfig, None, ["mode=adamw"])
+    model, optimizer = common.build_optimizer(tiny_llama, cfg)
+    tiny_llama(input_ids=torch.randint(0, 256, (2, 8))).logits.sum().backward()
+    optimizer.step()
+    record = common.build_results(cfg, {"x": 1.0}, model=model, optimizer=optimizer)
+    total = sum(p.numel() for p in tiny_llama.parameters())
+    assert record["train_info"]["trainable_params"] == record["train_info"]["total_params"] == total
+    assert record["train_info"]["optimizer_state_bytes"] == optimizer_state_bytes(optimizer) >= 2 * 4 * total
+
+
+def test_lora_arm_freezes_the_base_model(tiny_llama):
+    cfg = common.load_config(DemoConfig, None, ["mode=lora", "lora_r=4", "target_modules=[q_proj,v_proj]"])
+    model, optimizer = common.build_optimizer(tiny_llama, cfg, task_type="CAUSAL_LM")
+    trainable, total = common.count_parameters(model)
+    layers, hidden = 2, 64
+    assert trainable == layers * 2 * (4 * hidden + hidden * 4)  # A (r×in) + B (out×r) on q and v
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == trainable < total
