@@ -1,0 +1,140 @@
+"""Checkpoints: tensor-only state, weights_only reload, exact resume for every mode, device/dtype remap, sizes."""
+import io
+import math
+
+import pytest
+import torch
+
+from hf_lowrank.optim import available_modes, create_optimizer, optimizer_state_bytes
+from tests.conftest import make_tiny_llama
+from tests.test_optim_modes import batches, mode_kwargs, train
+
+
+GAP = 3
+
+
+def make(mode, model=None):
+    model = model or make_tiny_llama()
+    kwargs = {**mode_kwargs(mode), "update_proj_gap": GAP}
+    return model, create_optimizer(model, mode, **kwargs)
+
+
+def roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_plain_data(value, where="state"):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, (str, int)), where
+            assert_plain_data(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            assert_plain_data(v, where)
+    else:
+        assert value is None or isinstance(value, (torch.Tensor, int, float, str, bool)), f"{where}: {type(value)}"
+
+
+@pytest.mark.parametrize("stop", [GAP, GAP + 1])  # right before a refresh, and mid-period
+@pytest.mark.parametrize("mode", available_modes())
+def test_resume_reproduces_uninterrupted_run(mode, stop):
+    data = batches(2 * GAP + 1, seed=1)
+    model, optimizer = make(mode)
+    train(model, optimizer, data)
+
+    first, first_opt = make(mode)
+    train(first, first_opt, data[:stop])
+    saved_model, saved_opt = roundtrip(first.state_dict()), roundtrip(first_opt.state_dict())
+    assert_plain_data(saved_opt)
+    resumed = make_tiny_llama(seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved_model)
+    _, resumed_opt = make(mode, resumed)
+    resumed_opt.load_state_dict(saved_opt)
+    train(resumed, resumed_opt, data[stop:])
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["galore", "galore_8bit", "galore_dct", "galore_random"])
+def test_load_onto_meta_device_keeps_dtypes(mode):
+    model, optimizer = make(mode)
+    train(model, optimizer, batches(1))
+    saved = roundtrip(optimizer.state_dict())
+    _, meta_opt = make(mode, make_tiny_llama().to("meta"))
+    meta_opt.load_state_dict(saved)
+    source = {name: optimizer.state[p] for g in optimizer.param_groups for name, p in zip(g["param_names"], g["params"])}
+    for group in meta_opt.param_groups:
+        for name, p in zip(group["param_names"], group["params"]):
+            loaded, original = meta_opt.state[p], source[name]
+            assert loaded.keys() == original.keys()
+            for key, value in loaded.items():
+                if isinstance(value, torch.Tensor):
+                    assert value.device.type == "meta" and value.dtype == original[key].dtype, (name, key)
+                    assert value.shape == original[key].shape
+
+
+def test_load_into_bf16_model_keeps_state_dtype_and_steps():
+    model, optimizer = make("galore")
+    train(model, optimizer, batches(1))
+    saved = roundtrip(optimizer.state_dict())
+    bf16 = make_tiny_llama().to(torch.bfloat16)
+    bf16.load_state_dict(model.state_dict())
+    _, bf16_opt = make("galore", bf16)
+    bf16_opt.load_state_dict(saved)
+    group = bf16_opt.param_groups[-1]
+    state = bf16_opt.state[group["params"][0]]
+    assert state["exp_avg"].dtype == torch.float32 and state["projector"]["basis"].dtype == torch.float32
+    train(bf16, bf16_opt, batches(1, seed=5))
+    assert all(torch.isfinite(p).all() for p in bf16.parameters())
+
+
+def low_rank_shape(shape, rank):
+    m, n = shape
+    return (m, rank) if m >= n else (rank, n)  # std: project the smaller side
+
+
+def test_state_bytes_match_hand_count():
+    rank = 8
+    model, optimizer = make_tiny_llama(), None
+    optimizer = create_optimizer(model, "galore", rank=rank)
+    train(model, optimizer, batches(1))
+    projected = {id(p) for p in optimizer.param_groups[-1]["params"]}
+    expected = 0
+    for p in model.parameters():
+        if id(p) in projected:
+            low = low_rank_shape(p.shape, rank)
+            basis = min(p.shape) * rank  # the projected side's dimension x rank, fp32
+            expected += 2 * math.prod(low) * 4 + basis * 4
+        else:
+            expected += 2 * p.numel() * 4
+    assert optimizer_state_bytes(optimizer) == expected
+
+    model_8, opt_8 = make_tiny_llama(), None
+    opt_8 = create_optimizer(model_8, "galore_8bit", rank=rank, min_8bit_size=4096)
+    train(model_8, opt_8, batches(1))
+    expected_8 = 0
+    for p in model_8.parameters():
+        numel = math.prod(low_rank_shape(p.shape, rank)) if id(p) in {id(q) for q in opt_8.param_groups[-1]["params"]} \
+            else p.numel()
+        if numel >= 4096:
+            expected_8 += 2 * (numel + 4 * math.ceil(numel / 256))  # uint8 codes + fp32 absmax per 256 block
+        else:
+            expected_8 += 2 * numel * 4
+        if p.dim() == 2 and id(p) in {id(q) for q in opt_8.param_groups[-1]["params"]}:
+            expected_8 += min(p.shape) * rank * 4
+    assert optimizer_state_bytes(opt_8) == expected_8
+
+
+@pytest.mark.parametrize("mode", ["adamw", "galore", "galore_8bit", "galore_dct", "galore_adafactor", "frugal"])
+def test_init_state_on_meta_matches_real_state(mode):
+    """Sizing without memory: init_state() on a meta model gives the bytes a real run holds after one step."""
+    real, real_opt = make(mode)
+    train(real, real_opt, batches(1))
+    _, meta_opt = make(mode, make_tiny_llama().to("meta"))
+    meta_opt.init_state()
+    assert optimizer_state_bytes(meta_opt) == optimizer_state_bytes(real_opt)
+    assert all(t.device.type == "meta" for s in meta_opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
