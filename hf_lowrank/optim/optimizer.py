@@ -87,6 +87,7 @@ def _validate_group(group: dict) -> None:
     unknown = sorted(set(group["projector_options"]) - set(allowed))
     if unknown:
         raise ValueError(f"Projector {group['projector']!r} does not take option(s) {unknown}; it accepts {allowed}.")
+    get_projector(group["projector"], (2, 2), 1, group["proj_type"], **group["projector_options"])  # option values
     if group["moment_policy"] not in MOMENT_POLICIES:
         raise ValueError(f"`moment_policy`={group['moment_policy']!r}; use one of {list(MOMENT_POLICIES)}.")
     if group["moment_policy"] == "rotate" and not inner.supports_rotate:
