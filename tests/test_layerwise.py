@@ -6,43 +6,23 @@ import pytest
 import torch
 from accelerate.state import GradientState
 
+from hf_lowrank.optim import ProjectedOptimizer, available_modes, create_optimizer, get_mode
 from hf_lowrank.optim.layerwise import LayerwiseOptimizer, make_layerwise
 from tests.conftest import make_tiny_llama
 
 
-class StandInAdam(torch.optim.Optimizer):
-    """Plain Adam with the per-parameter entry point the layer-wise wrapper needs."""
-
-    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step_parameter(self, p, group):
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        step = state["step"].item()
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_parameter(p, group)
+GAP = 2  # refresh projectors often so the comparisons cross several refreshes
 
 
-def make_optimizer(model):
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim != 2]
-    return StandInAdam([{"params": decay, "weight_decay": 0.1}, {"params": no_decay}], lr=1e-2)
+def make_optimizer(model, mode="galore"):
+    options = {"lr": 1e-2, "weight_decay": 0.1}
+    if get_mode(mode).projector is not None:
+        options["update_proj_gap"] = GAP
+        if "density" not in get_mode(mode).defaults:
+            options["rank"] = 8
+    if get_mode(mode).inner == "adamw8bit":
+        options["min_8bit_size"] = 256
+    return create_optimizer(model, mode, **options)
 
 
 def batches(count, seed=0, batch=2, seq=16, vocab=256):
@@ -76,8 +56,8 @@ def assert_same_parameters(model_a, model_b, rtol=1e-6, atol=1e-7):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def train_reference(model, data, accumulation):
-    optimizer = make_optimizer(model)
+def train_reference(model, data, accumulation, mode="galore"):
+    optimizer = make_optimizer(model, mode)
     scheduler = warmup_schedule(optimizer)
     for start in range(0, len(data), accumulation):
         for ids in data[start : start + accumulation]:
@@ -89,12 +69,13 @@ def train_reference(model, data, accumulation):
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_layerwise_matches_normal_step(models, accumulation):
+@pytest.mark.parametrize("mode", available_modes())
+def test_layerwise_matches_normal_step(models, mode, accumulation):
     reference, model = models
-    data = batches(6)
-    train_reference(reference, data, accumulation)
+    data = batches(3 * GAP * accumulation)
+    train_reference(reference, data, accumulation, mode)
 
-    optimizer = make_layerwise(make_optimizer(model), model, gradient_accumulation_steps=accumulation)
+    optimizer = make_layerwise(make_optimizer(model, mode), model, gradient_accumulation_steps=accumulation)
     scheduler = warmup_schedule(optimizer)
     for start in range(0, len(data), accumulation):
         for ids in data[start : start + accumulation]:
@@ -167,7 +148,7 @@ def test_grad_norm_of_a_step_that_misses_parameters_is_closed_by_step(models):
     """A parameter without gradient this step (unused) leaves the record open until step() closes it."""
     _, model = models
     embeddings, head = model.model.embed_tokens.weight, model.lm_head.weight
-    optimizer = make_layerwise(StandInAdam([embeddings, head]), model)
+    optimizer = make_layerwise(ProjectedOptimizer([embeddings, head]), model)
     ids = batches(1)[0]
     expected = torch.autograd.grad(embeddings[ids].pow(2).sum(), embeddings)[0].norm().item()
     embeddings[ids].pow(2).sum().backward()  # lm_head gets no gradient
@@ -265,5 +246,5 @@ def test_bad_input_gets_clear_errors(models):
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         make_layerwise(make_optimizer(model), model, gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="not in `model`"):
-        make_layerwise(StandInAdam([torch.nn.Parameter(torch.zeros(3))]), model)
+        make_layerwise(ProjectedOptimizer([torch.nn.Parameter(torch.zeros(3))]), model)
     assert isinstance(make_layerwise(make_optimizer(model), model), LayerwiseOptimizer)

@@ -1,0 +1,51 @@
+"""Trainer callbacks for hf_lowrank optimizers."""
+from transformers import TrainerCallback
+
+from .optim.layerwise import LayerwiseOptimizer
+
+
+def find_layerwise_optimizer(optimizer):
+    """The :class:`LayerwiseOptimizer` inside ``optimizer`` (through accelerate's wrapper), or None."""
+    while optimizer is not None and not isinstance(optimizer, LayerwiseOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class LayerwiseGradNormCallback(TrainerCallback):
+    """Makes ``Trainer`` logs right for layer-wise optimizers (``create_optimizer(..., layerwise=True)``).
+
+    * Replaces the logged ``grad_norm`` (0.0, because the gradients are freed inside backward) by the true
+      2-norm of the step's gradients recorded by the hooks, in the logs and in ``state.log_history``.
+    * Refuses settings that cannot work layer-wise, before the first step:
+      ``max_grad_norm > 0`` (global clipping needs every gradient before the first update; set
+      ``max_grad_norm=0``) and ``fp16`` (the loss scaler unscales gradients in ``optimizer.step()``, after
+      the hooks already used them; use ``bf16``).
+
+    With a non-layer-wise optimizer it does nothing. Trainer calls callbacks in order and puts reporting
+    integrations (TensorBoard, W&B) before user callbacks; for them to see the true value too, insert it first:
+    ``trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback())``.
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if find_layerwise_optimizer(optimizer) is None:
+            return
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            raise ValueError(
+                f"TrainingArguments.max_grad_norm={args.max_grad_norm} cannot be applied with layer-wise updates: "
+                "each parameter is updated inside backward, before the global gradient norm is known (Trainer "
+                "would silently clip nothing). Set max_grad_norm=0; the true grad_norm is still logged."
+            )
+        if args.fp16:
+            raise ValueError(
+                "fp16=True cannot be used with layer-wise updates: the loss scaler unscales gradients in "
+                "optimizer.step(), after the hooks already applied them. Use bf16=True instead."
+            )
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        layerwise = find_layerwise_optimizer(optimizer)
+        if layerwise is None or logs is None or "grad_norm" not in logs:
+            return
+        grad_norm = layerwise.last_grad_norm
+        logs["grad_norm"] = grad_norm
+        if state.log_history and "grad_norm" in state.log_history[-1]:
+            state.log_history[-1]["grad_norm"] = grad_norm
