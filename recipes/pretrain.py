@@ -32,7 +32,7 @@ LLAMA_SIZES = {
     "60m": (512, 1376, 8, 8),
     "130m": (768, 2048, 12, 12),
     "350m": (1024, 2736, 16, 24),
-    "1b": (2048, 5461, 24, 32),
+    "1b": (2048, 5461, 32, 24),  # 32 heads of 64, 24 layers (1.34B parameters with the t5 vocabulary)
     "7b": (4096, 11008, 32, 32),
 }
 BYTE_TOKENIZER = "bytes"
