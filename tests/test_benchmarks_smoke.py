@@ -1,0 +1,80 @@
+"""Each benchmark's ``main`` runs end to end on a minuscule setting and writes its markdown table and plot."""
+import pytest
+import torch
+
+from benchmarks import common, convergence, optimizer_memory, step_time
+
+
+def assert_outputs(out_dir, name, must_contain):
+    markdown = (out_dir / f"{name}.md").read_text()
+    png = (out_dir / f"{name}.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert markdown.lstrip().startswith("# ") and "|---|" in markdown
+    for text in must_contain:
+        assert text in markdown, text
+    return markdown
+
+
+def test_optimizer_memory_sizes_state_through_the_optimizer(tmp_path):
+    results = optimizer_memory.main([
+        "--sizes", "60M", "1B", "--layers", "1", "--vocab", "256",
+        "--modes", "adamw", "galore", "galore_8bit", "galore_dct", "galore:quant_bits=4", "--out-dir", str(tmp_path),
+    ])
+    assert_outputs(tmp_path, "optimizer_memory", ["torch AdamW", "galore_dct", "## Targets"])
+    modes = results["1B"]["modes"]
+    # One layer of LLaMA-1B (hidden 2048, intermediate 5461) + vocab-256 embeddings, all fp32.
+    n_params = results["1B"]["params"]
+    assert modes["torch AdamW"]["total"] == 2 * 4 * n_params + 4 * len(list(common.build_llama(
+        2048, 5461, 32, 1, 256, device="meta").parameters()))  # two moments + a float32 step per tensor
+    assert modes["adamw"]["total"] == 2 * 4 * n_params  # integer steps are not tensors
+    # galore at rank 512: 7 projected matrices, each with a 2048 x 512 fp32 basis (the smaller side is 2048).
+    assert modes["galore"]["projectors"] == 7 * 2048 * 512 * 4
+    assert modes["galore_dct"]["projectors"] == 7 * 512 * 4  # int32 indices only
+    assert modes["galore_dct"]["cache"] == 2048 * 2048 * 4  # one shared DCT matrix
+    assert modes["galore:quant_bits=4"]["projectors"] < modes["galore"]["projectors"] / 4
+    assert modes["galore_8bit"]["total"] < modes["galore"]["total"] / 2
+
+
+def test_step_time_runs_interleaved_and_reports_ratios(tmp_path):
+    results = step_time.main([
+        "--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "2", "--vocab", "256",
+        "--batch", "2", "--seq", "16", "--rank", "8", "--rounds", "4", "--warmup", "1", "--gap-run", "2",
+        "--modes", "adamw", "galore", "--refresh-shape", "64", "96", "--refresh-rank", "8", "--refresh-repeats", "1",
+        "--out-dir", str(tmp_path),
+    ])
+    assert_outputs(tmp_path, "step_time", ["torch AdamW", "galore-torch GaLoreAdamW", "| galore |", "| dct |"])
+    assert results["full"]["torch AdamW"] == pytest.approx(1.0)
+    assert set(results["full"]) == {"torch AdamW", "galore-torch GaLoreAdamW", "adamw", "galore"}
+    assert all(ratio > 0 for ratio in results["full"].values())
+    assert set(results["refresh"]) == {"svd", "randomized", "dct", "random", "galore-torch (svd)"}
+
+
+def test_convergence_trains_every_candidate_on_the_same_batches(tmp_path):
+    results = convergence.main([
+        "--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "2", "--steps", "6", "--batch", "2",
+        "--seq", "32", "--rank", "8", "--gap", "6", "--eval-every", "3", "--eval-windows", "4",
+        "--modes", "adamw", "galore", "--out-dir", str(tmp_path),
+    ])
+    assert_outputs(tmp_path, "convergence", ["torch AdamW", "| galore |", "x AdamW"])
+    assert set(results) == {"torch AdamW", "galore-torch GaLoreAdamW", "adamw", "galore"}
+    # Our full-rank adamw mode is the same algorithm as torch's AdamW up to where eps enters (tiny difference).
+    assert results["adamw"] == pytest.approx(results["torch AdamW"], rel=1e-3)
+    # Within one subspace period galore and galore-torch agree closely (same SVD, same update).
+    assert results["galore"] == pytest.approx(results["galore-torch GaLoreAdamW"], rel=1e-3)
+    assert all(6.0 > loss > 0 for loss in results.values())  # byte-level: ln(256) = 5.5 at start
+
+
+def test_interleaved_times_rotates_the_order():
+    order = []
+    records = common.interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b") or {"x": 1}},
+                                       repeats=3, warmup=1)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(records["a"]) == 3 and all(r["x"] == 1 for r in records["b"])
+
+
+def test_corpus_splits_are_the_shipped_bytes():
+    train, val = common.load_corpus("train"), common.load_corpus("val")
+    assert train.numel() == 1_003_854 and val.numel() == 111_540
+    assert int(torch.cat([train, val]).max()) < 128  # ASCII text
+    with pytest.raises(ValueError, match="split"):
+        common.load_corpus("test")
