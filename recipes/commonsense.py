@@ -1,0 +1,305 @@
+"""Commonsense reasoning (LLM-Adapters protocol): fine-tune on the commonsense mix, evaluate the 8 tasks.
+
+    accelerate launch recipes/commonsense.py --config recipes/configs/commonsense/smollm2_galore.yaml max_steps=100
+    hf-lowrank train recipes/configs/commonsense/smollm2_galore.yaml eval_mode=generate
+
+Records are LLM-Adapters JSON: {"instruction", "input", "output": "the correct answer is <label>", "answer": "<label>"};
+the instruction lists the options and ends in "Answer format: label1/label2/...". Prompts use the Alpaca template
+LLM-Adapters trains with (without the 16-space indentation its source accidentally carries). ``eval_mode``:
+
+* ``loglik`` (default): score "the correct answer is <label>" for every label of the answer format, pick the most
+  likely: the label-generation protocol without decoding errors, one forward pass per example;
+* ``generate``: LLM-Adapters' own evaluation: decode (greedy, or ``num_beams``) and take the first label the
+  answer-pattern regex finds (no match counts as wrong);
+* ``choice_text``: lm-evaluation-harness style zero-shot scoring of each option's text after
+  "Question: ...\\nAnswer:" (BoolQ: " yes"/" no"), normalised per character; use it for pretrained checkpoints.
+
+Offline data (data/commonsense/): test subsets of BoolQ, PIQA, SIQA, ARC-e, ARC-c and a training mix of BoolQ, SIQA,
+ARC-e, ARC-c; HellaSwag, WinoGrande and OBQA run when given by ``data_files.<task>=test.json`` or
+``eval_dataset_names.<task>=<hub id>``. Training data: ``data_files.train=`` (e.g. commonsense_170k.json) or
+``dataset_name=<hub id>``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import models  # noqa: E402
+import scoring  # noqa: E402
+
+
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "commonsense"
+SHIPPED_TRAIN = SHIPPED_DATA / "train_mix.json"
+# LLM-Adapters dataset folder name -> metric name in results.
+TASKS = {
+    "boolq": "boolq",
+    "piqa": "piqa",
+    "social_i_qa": "siqa",
+    "hellaswag": "hellaswag",
+    "winogrande": "winogrande",
+    "ARC-Easy": "arc_e",
+    "ARC-Challenge": "arc_c",
+    "openbookqa": "obqa",
+}
+SHIPPED_TASKS = ["boolq", "piqa", "social_i_qa", "ARC-Easy", "ARC-Challenge"]
+# LLM-Adapters' extract_answer patterns (commonsense_evaluate.py); other tasks use their answer-format labels.
+ANSWER_PATTERNS = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": r"answer1|answer2|answer3|answer4|answer5",
+    "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
+    "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5",
+    "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+}
+ANSWER_PREFIX = "the correct answer is"
+EVAL_MODES = ("loglik", "generate", "choice_text")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and parsing
+# ---------------------------------------------------------------------------------------------------------------
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """LLM-Adapters' Alpaca template up to the response (the training target follows directly)."""
+    if input_text:
+        return ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n"
+                f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n")
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def answer_labels(instruction: str) -> list[str]:
+    """Labels of the "Answer format: a/b/c" line, e.g. ['answer1', 'answer2', 'answer3']."""
+    match = re.search(r"Answer format:\s*(\S+)", instruction)
+    if match is None:
+        raise ValueError(f"instruction has no 'Answer format: ...' line: {instruction[-120:]!r}")
+    return match.group(1).split("/")
+
+
+def split_options(instruction: str) -> tuple[str, list[str]]:
+    """(question, option texts) of an LLM-Adapters instruction; BoolQ (true/false) has no option texts."""
+    labels = answer_labels(instruction)
+    end = instruction.index("Answer format:")
+    head_end = instruction.index(": ") + 2 if ": " in instruction[:end] else 0
+    if labels == ["true", "false"]:
+        return instruction[head_end:end].strip(), []
+    starts = []
+    for label in labels:
+        marker = re.search(re.escape(label) + ":", instruction[:end], flags=re.IGNORECASE)
+        if marker is None:
+            raise ValueError(f"option {label!r} of the answer format is not listed in: {instruction[:200]!r}...")
+        starts.append((marker.start(), marker.end()))
+    question = instruction[head_end: starts[0][0]].strip()
+    bounds = [s for _, s in starts]
+    ends = [b for b, _ in starts[1:]] + [end]
+    return question, [instruction[b:e].strip() for b, e in zip(bounds, ends)]
+
+
+def extract_answer(task: str, text: str, labels: list[str]) -> str:
+    """First label the LLM-Adapters pattern finds in generated `text` ('' when none)."""
+    pattern = ANSWER_PATTERNS.get(task) or "|".join(map(re.escape, labels))
+    found = re.findall(pattern, text.strip())
+    return found[0] if found else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+REQUIRED_KEYS = ("instruction", "output", "answer")
+
+
+def read_records(path) -> list[dict]:
+    """LLM-Adapters records from a .json list or .jsonl file, checked for the required keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"commonsense data file {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+        else json.loads(text)
+    for index, record in enumerate(records):
+        missing = [k for k in REQUIRED_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"{path} record {index} lacks {missing}; LLM-Adapters records need {REQUIRED_KEYS}.")
+    return records
+
+
+def _from_hub(name: str, split: str) -> list[dict]:
+    from datasets import load_dataset
+
+    return [dict(r) for r in load_dataset(name, split=split)]
+
+
+def task_source(cfg: "CommonsenseConfig", task: str) -> Optional[str]:
+    if cfg.data_files and task in cfg.data_files:
+        return str(cfg.data_files[task])
+    if task in cfg.eval_dataset_names:
+        return f"hub:{cfg.eval_dataset_names[task]}"
+    shipped = SHIPPED_DATA / task / "test.json"
+    return str(shipped) if shipped.is_file() else None
+
+
+def load_task(cfg: "CommonsenseConfig", task: str) -> list[dict]:
+    source = task_source(cfg, task)
+    records = _from_hub(source[4:], "test") if source.startswith("hub:") else read_records(source)
+    return records if cfg.max_eval_samples is None else records[: cfg.max_eval_samples]
+
+
+def load_train(cfg: "CommonsenseConfig") -> list[dict]:
+    if cfg.data_files and "train" in cfg.data_files:
+        records = read_records(cfg.data_files["train"])
+    elif cfg.dataset_name:
+        records = _from_hub(cfg.dataset_name, "train")
+    else:
+        records = read_records(SHIPPED_TRAIN)
+    return records if cfg.max_train_samples is None else records[: cfg.max_train_samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+def predict_task(model, tokenizer, task: str, records: list[dict], eval_mode: str = "loglik",
+                 batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
+                 progress: bool = False) -> list[str]:
+    """Predicted label for each record under `eval_mode`."""
+    labels = [answer_labels(r["instruction"]) for r in records]
+    prompts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records]
+    if eval_mode == "generate":
+        outputs = scoring.generate_answers(model, tokenizer, prompts, max_new_tokens, num_beams, batch_size, progress)
+        return [extract_answer(task, out, lab) for out, lab in zip(outputs, labels)]
+    if eval_mode == "loglik":
+        contexts = [p + ANSWER_PREFIX for p in prompts]
+        candidates = [[f" {label}" for label in lab] for lab in labels]
+        normalize = "none"
+    elif eval_mode == "choice_text":
+        contexts, candidates = [], []
+        for record, lab in zip(records, labels):
+            question, options = split_options(record["instruction"])
+            contexts.append(f"Question: {question}\nAnswer:")
+            candidates.append([" yes", " no"] if lab == ["true", "false"] else [f" {o}" for o in options])
+        normalize = "chars"
+    else:
+        raise ValueError(f"`eval_mode` must be one of {EVAL_MODES}, got {eval_mode!r}.")
+    scores = scoring.score_continuations(model, tokenizer, contexts, candidates, batch_size, progress=progress)
+    return [lab[scoring.pick(s, normalize)] for lab, s in zip(labels, scores)]
+
+
+def evaluate(model, tokenizer, tasks: dict[str, list[dict]], **kwargs) -> dict[str, float]:
+    """Accuracy per task (metric names of TASKS) and their unweighted average."""
+    metrics = {}
+    for task, records in tasks.items():
+        if not records:
+            raise ValueError(f"task {task!r} has no test records.")
+        predictions = predict_task(model, tokenizer, task, records, **kwargs)
+        metrics[TASKS.get(task, task)] = sum(p == r["answer"] for p, r in zip(predictions, records)) / len(records)
+    metrics["average"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipe
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class CommonsenseConfig(common.RecipeConfig):
+    recipe: str = field(default="commonsense", metadata={"help": "Recipe script this config is for."})
+    task: str = field(default="commonsense", metadata={"help": "Results name of the task."})
+    model_name_or_path: str = field(
+        default=models.SMOLLM2_ALIAS,
+        metadata={"help": f"Causal LM: '{models.SMOLLM2_ALIAS}' (offline GGUF), a local folder or a Hub id."},
+    )
+    tasks: Any = field(
+        default_factory=lambda: list(SHIPPED_TASKS),
+        metadata={"help": f"Tasks to evaluate (LLM-Adapters names): {', '.join(TASKS)}."},
+    )
+    eval_mode: str = field(default="loglik", metadata={"help": f"Scoring: {', '.join(EVAL_MODES)}."})
+    eval_dataset_names: dict = field(
+        default_factory=dict, metadata={"help": "Hub datasets (LLM-Adapters format, split test) per task."}
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "Generated tokens in eval_mode=generate."})
+    num_beams: int = field(default=1, metadata={"help": "Beams in eval_mode=generate (LLM-Adapters uses 4)."})
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Also train on prompt tokens (LLM-Adapters' default is true)."}
+    )
+    target_modules: Any = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Linear layers to project / adapt (attention + MLP, as GaLore/OwLore do)."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.tasks, str):
+            self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"Unknown or empty `tasks` {unknown or self.tasks}. Valid tasks: {', '.join(TASKS)}.")
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"`eval_mode` must be one of {', '.join(EVAL_MODES)}, got {self.eval_mode!r}.")
+        missing = [t for t in self.tasks if task_source(self, t) is None]
+        if missing:
+            raise ValueError(
+                f"No test data for {missing}: only {', '.join(SHIPPED_TASKS)} ship offline. Pass "
+                + " ".join(f"data_files.{t}=<test.json>" for t in missing)
+                + " (LLM-Adapters format) or eval_dataset_names.<task>=<hub id>, or drop them from `tasks`."
+            )
+        if self.data_files:
+            for key, path in self.data_files.items():
+                if key not in TASKS and key != "train":
+                    raise ValueError(f"data_files key {key!r} is neither 'train' nor a task ({', '.join(TASKS)}).")
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"data_files.{key}: file {path!r} does not exist.")
+        super().__post_init__()
+
+
+def training_dataset(records: list[dict], tokenizer, cfg: CommonsenseConfig):
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        models.supervised_features(tokenizer, alpaca_prompt(r["instruction"], r.get("input", "")), r["output"],
+                                   cfg.max_seq_length, cfg.train_on_inputs)
+        for r in records
+    ])
+
+
+def main(argv=None) -> dict:
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    cfg = common.parse_args(CommonsenseConfig, argv, recipe="commonsense")
+    common.check_mode(cfg.mode)
+    set_seed(cfg.seed)
+    test_sets = {task: load_task(cfg, task) for task in cfg.tasks}
+    train_records = load_train(cfg) if cfg.do_train else []
+    model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
+    train_dataset = training_dataset(train_records, tokenizer, cfg) if cfg.do_train else None
+    model, optimizer = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
+    trainer, meter = common.fit(
+        cfg, model, optimizer, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
+        processing_class=tokenizer,
+    )
+    metrics = evaluate(trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode, batch_size=cfg.eval_batch_size,
+                       max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, progress=cfg.progress)
+    common.logger.warning(f"{cfg.run_name}: {metrics}")
+    if trainer.is_world_process_zero():
+        world = trainer.args.world_size
+        common.write_results(
+            cfg, metrics, meter=meter, model=model, optimizer=optimizer, main_metric="average",
+            examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
+            extra={"eval_mode": cfg.eval_mode, "num_eval_examples": {t: len(r) for t, r in test_sets.items()}},
+        )
+        if cfg.do_train and (cfg.save_model or cfg.push_to_hub):
+            from hf_lowrank import hub
+
+            hub.save_pretrained(trainer.model, cfg.output_dir, tokenizer=tokenizer, results=common.results_path(cfg))
+            if cfg.push_to_hub:
+                hub.push_to_hub(cfg.output_dir, cfg.hub_model_id)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Commonsense recipe: LLM-Adapters prompt and parsing, shipped data, the three scorers, config errors, end to end."""
+import json
+import sys
+
+import pytest
+
+from tests._causal_lm_helpers import REPO, FavouringLM, save_tiny_causal_lm, train_tiny_tokenizer
+
+
+sys.path.insert(0, str(REPO / "recipes"))
+import commonsense as cs  # noqa: E402
+
+
+PIQA_LIKE = {
+    "instruction": "Please choose the correct solution to the question: How do I see the sky?\n\n"
+                   "Solution1: look down at the red apple\n\nSolution2: look up at the blue sky\n\n"
+                   "Answer format: solution1/solution2",
+    "input": "", "output": "the correct answer is solution2", "answer": "solution2",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tiny_tokenizer()
+
+
+def test_alpaca_prompt_is_the_llm_adapters_template():
+    assert cs.alpaca_prompt("Do X.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nDo X.\n\n### Response:\n"
+    )
+    assert "### Input:\nctx\n\n### Response:\n" in cs.alpaca_prompt("Do X.", "ctx")
+
+
+def test_shipped_files_and_option_parsing():
+    expected_options = {"boolq": {0}, "piqa": {2}, "social_i_qa": {3}, "ARC-Easy": {3, 4, 5}, "ARC-Challenge": {3, 4, 5}}
+    for task in cs.SHIPPED_TASKS:
+        records = cs.read_records(cs.SHIPPED_DATA / task / "test.json")
+        assert len(records) == 300
+        counts = set()
+        for record in records:
+            labels = cs.answer_labels(record["instruction"])
+            question, options = cs.split_options(record["instruction"])
+            assert record["answer"] in labels and question and all(options)
+            assert len(options) in (0, len(labels))
+            counts.add(len(options))
+        assert counts <= expected_options[task] and counts, task
+    train = cs.read_records(cs.SHIPPED_TRAIN)
+    assert len(train) == 3000 and all(r["output"] == f"the correct answer is {r['answer']}" for r in train)
+    assert cs.split_options(PIQA_LIKE["instruction"]) == (
+        "How do I see the sky?", ["look down at the red apple", "look up at the blue sky"])
+
+
+def test_extract_answer_follows_llm_adapters():
+    assert cs.extract_answer("social_i_qa", "the correct answer is answer2, not answer1", ["answer1"]) == "answer2"
+    assert cs.extract_answer("boolq", "I think it is false.", ["true", "false"]) == "false"
+    assert cs.extract_answer("piqa", "no idea", ["solution1", "solution2"]) == ""
+    assert cs.extract_answer("custom", "pick choiceB", ["choiceA", "choiceB"]) == "choiceB"
+
+
+def test_loglik_and_choice_text_scoring_pick_the_favoured_answer(tokenizer):
+    label_ids = tokenizer(" solution2", add_special_tokens=False)["input_ids"]
+    label_model = FavouringLM(len(tokenizer), label_ids[-1:])
+    assert cs.predict_task(label_model, tokenizer, "piqa", [PIQA_LIKE], "loglik") == ["solution2"]
+    text_model = FavouringLM(len(tokenizer), tokenizer(" blue sky", add_special_tokens=False)["input_ids"])
+    assert cs.predict_task(text_model, tokenizer, "piqa", [PIQA_LIKE], "choice_text") == ["solution2"]
+    boolq = cs.read_records(cs.SHIPPED_DATA / "boolq" / "test.json")[:2]
+    no_model = FavouringLM(len(tokenizer), tokenizer(" no", add_special_tokens=False)["input_ids"])
+    assert cs.predict_task(no_model, tokenizer, "boolq", boolq, "choice_text") == ["false", "false"]
+    metrics = cs.evaluate(label_model, tokenizer, {"piqa": [PIQA_LIKE, {**PIQA_LIKE, "answer": "solution1"}]})
+    assert metrics == {"piqa": 0.5, "average": 0.5}
+
+
+def test_generate_mode_extracts_labels(tokenizer, monkeypatch):
+    monkeypatch.setattr(cs.scoring, "generate_answers", lambda *a, **k: ["the correct answer is solution2", "hmm"])
+    predictions = cs.predict_task(None, tokenizer, "piqa", [PIQA_LIKE, PIQA_LIKE], "generate")
+    assert predictions == ["solution2", ""]
+
+
+def test_bad_config_is_refused_early(tmp_path):
+    with pytest.raises(ValueError, match="Unknown or empty `tasks`.*Valid tasks"):
+        cs.CommonsenseConfig(tasks=["sciq2"])
+    with pytest.raises(ValueError, match="data_files.hellaswag=<test.json>"):
+        cs.CommonsenseConfig(tasks=["boolq", "hellaswag"])
+    with pytest.raises(FileNotFoundError, match="data_files.hellaswag"):
+        cs.CommonsenseConfig(tasks=["hellaswag"], data_files={"hellaswag": str(tmp_path / "missing.json")})
+    with pytest.raises(ValueError, match="eval_mode"):
+        cs.CommonsenseConfig(eval_mode="beam")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "x"}]))
+    with pytest.raises(ValueError, match="lacks"):
+        cs.read_records(bad)
+
+
+def test_end_to_end_finetune_and_eval_writes_results(tmp_path):
+    model_dir = save_tiny_causal_lm(tmp_path / "model")
+    extra = tmp_path / "hellaswag.json"
+    extra.write_text(json.dumps([{
+        "instruction": "Please choose the correct ending to complete the given sentence: He opens the door.\n\n"
+                       "Ending1: and walks in. Ending2: and flies away.\n\nAnswer format: ending1/ending2",
+        "input": "", "output": "the correct answer is ending1", "answer": "ending1"}]))
+    metrics = cs.main([
+        "--config", str(REPO / "recipes" / "configs" / "commonsense" / "smollm2_adamw.yaml"),
+        f"model_name_or_path={model_dir}", "tasks=[boolq, piqa, hellaswag]", f"data_files.hellaswag={extra}",
+        "max_steps=2", "batch_size=2", "max_seq_length=96", "max_eval_samples=3", "max_train_samples=8",
+        f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}", "progress=false",
+    ])
+    record = json.loads((tmp_path / "results" / "commonsense--adamw--smollm2.json").read_text())
+    assert set(metrics) == {"boolq", "piqa", "hellaswag", "average"}
+    assert record["train_info"]["steps"] == 2 and record["train_info"]["main_metric"] == "average"
+    assert record["train_info"]["num_eval_examples"] == {"boolq": 3, "piqa": 3, "hellaswag": 1}
+    assert metrics["average"] == pytest.approx(sum(metrics[t] for t in ("boolq", "piqa", "hellaswag")) / 3)
