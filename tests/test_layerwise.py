@@ -7,7 +7,7 @@ import torch
 from accelerate.state import GradientState
 
 from hf_lowrank.optim import ProjectedOptimizer, available_modes, create_optimizer, get_mode
-from hf_lowrank.optim.layerwise import LayerwiseOptimizer, make_layerwise
+from hf_lowrank.optim.layerwise import LayerwiseOptimizer, make_layerwise, remove_layerwise_hooks
 from tests.conftest import make_tiny_llama
 
 
@@ -247,4 +247,49 @@ def test_bad_input_gets_clear_errors(models):
         make_layerwise(make_optimizer(model), model, gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="not in `model`"):
         make_layerwise(ProjectedOptimizer([torch.nn.Parameter(torch.zeros(3))]), model)
-    assert isinstance(make_layerwise(make_optimizer(model), model), LayerwiseOptimizer)
+
+
+def test_one_layerwise_optimizer_per_model(models):
+    """A second wrapper would step every parameter twice: refused until the first one is detached."""
+    _, model = models
+    first = make_layerwise(make_optimizer(model), model)
+    with pytest.raises(ValueError, match="remove_hooks"):
+        make_layerwise(make_optimizer(model), model)
+    remove_layerwise_hooks(model)
+    assert not first._hooks
+    second = make_layerwise(make_optimizer(model), model)
+    assert isinstance(second, LayerwiseOptimizer)
+    second.remove_hooks()
+
+
+def test_add_param_group_hooks_the_new_parameters(models):
+    _, model = models
+    head = model.lm_head.weight
+    optimizer = make_layerwise(ProjectedOptimizer([p for p in model.parameters() if p is not head], lr=1e-2), model)
+    optimizer.add_param_group({"params": [head]})
+    before = head.detach().clone()
+    backward(model, batches(1)[0])
+    optimizer.remove_hooks()
+    assert head.grad is None and not torch.equal(before, head)
+
+
+def test_gradient_checkpointing_steps_each_parameter_once(models):
+    """Reentrant checkpointing re-runs backward per layer: each parameter must still be stepped exactly once."""
+    reference, model = models
+    for m in (reference, model):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        m.train()
+    data = batches(2 * GAP)
+    train_reference(reference, data, 1)
+    optimizer = make_layerwise(make_optimizer(model), model)
+    calls = []
+    step_parameter = optimizer.optimizer.step_parameter
+    optimizer.optimizer.step_parameter = lambda p, group: (calls.append(p), step_parameter(p, group))
+    scheduler = warmup_schedule(optimizer)
+    for ids in data:
+        backward(model, ids)
+        optimizer.step()
+        scheduler.step()
+    optimizer.remove_hooks()
+    assert len(calls) == len(data) * len(list(model.parameters()))
+    assert_same_parameters(reference, model)

@@ -19,6 +19,11 @@ from functools import partial
 
 import torch
 from accelerate.state import GradientState
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+# parameter -> the LayerwiseOptimizer whose hook steps it (two hooks would step a parameter twice)
+_HOOK_OWNERS = WeakIdKeyDictionary()
 
 
 def _check_single_process():
@@ -76,8 +81,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._stepped_params = set()
         self._grad_norm_sq = None
         self._last_grad_norm_sq = None
-        for index in range(len(optimizer.param_groups)):
-            self._hook_group(index)
+        self._hook_groups(range(len(optimizer.param_groups)))
         if not self._hooks:
             raise ValueError("make_layerwise: the optimizer holds no parameter with requires_grad=True.")
 
@@ -108,24 +112,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def defaults(self, defaults):
         self.optimizer.defaults = defaults
 
-    def _hook_group(self, index):
-        for param in self.optimizer.param_groups[index]["params"]:
-            if not param.requires_grad:
-                continue
+    def _hook_groups(self, indices):
+        """Check every trainable parameter of these groups, then hook them all (nothing is hooked on error)."""
+        params = [(i, p) for i in indices for p in self.optimizer.param_groups[i]["params"] if p.requires_grad]
+        for _, param in params:
             if param not in self._param_names:
                 raise ValueError(
                     "make_layerwise: the optimizer holds a parameter that is not in `model` (shape "
                     f"{tuple(param.shape)}); build the optimizer from this model's parameters."
                 )
-            if param in self._hooked_params:
-                raise ValueError(f"make_layerwise: parameter {self._param_names[param]!r} is in two param groups.")
+            if param in _HOOK_OWNERS:
+                raise ValueError(
+                    f"make_layerwise: parameter {self._param_names[param]!r} is already stepped by another layer-wise "
+                    "optimizer. Call its remove_hooks() (or hf_lowrank.optim.layerwise.remove_layerwise_hooks(model)) "
+                    "before building a new one on the same model."
+                )
+        for index, param in params:
+            _HOOK_OWNERS[param] = self
             self._hooked_params.add(param)
-            # Group dicts are looked up by index at step time: load_state_dict replaces them.
+            # The group dict is looked up by index at step time: load_state_dict replaces the dicts.
             self._hooks.append(param.register_post_accumulate_grad_hook(partial(self._on_grad_ready, index)))
 
     def add_param_group(self, param_group):
         self.optimizer.add_param_group(param_group)
-        self._hook_group(len(self.optimizer.param_groups) - 1)
+        self._hook_groups([len(self.optimizer.param_groups) - 1])
 
     def _is_last_micro_batch(self, param):
         if self.gradient_accumulation_steps is None:
@@ -189,6 +199,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Detach from the model's parameters (after this, nothing updates them)."""
         for hook in self._hooks:
             hook.remove()
+        for param in self._hooked_params:
+            _HOOK_OWNERS.pop(param, None)
         self._hooks.clear()
         self._hooked_params.clear()
 
@@ -199,3 +211,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 def make_layerwise(optimizer, model, *, gradient_accumulation_steps=None):
     """Wrap ``optimizer`` so each parameter of ``model`` is updated inside backward; see :class:`LayerwiseOptimizer`."""
     return LayerwiseOptimizer(optimizer, model, gradient_accumulation_steps=gradient_accumulation_steps)
+
+
+def remove_layerwise_hooks(model):
+    """Detach every layer-wise optimizer from ``model``'s parameters (e.g. one whose reference was lost)."""
+    owners = {id(owner): owner for param in model.parameters() if (owner := _HOOK_OWNERS.get(param)) is not None}
+    for owner in owners.values():
+        owner.remove_hooks()
