@@ -1,0 +1,231 @@
+"""Continual learning on sklearn's digits: finetune vs GPM vs CUBER (ACC / BWT, mean ± std over seeds).
+
+Sequences (5 tasks each, 8x8 digits standardised per pixel, MLP 64-100-100 as in GPM's PMNIST net):
+- ``split``: 5 tasks x 2 classes, multi-head (task-incremental, one 2-way head per task);
+- ``permuted``: every task applies its own fixed pixel permutation to a disjoint fifth of the training images;
+- ``correlated``: same 10 classes, shared head; task t sees a disjoint fifth of the training images under its own
+  distortion (clean, Gaussian noise, blur, shift right, shift down), tested on the whole test split under it.
+Training as in GPM/TRGP: SGD, batch 10, lr 0.01, 5 epochs, energy thresholds [.95, .99, (.99)], epsilon_1 0.2.
+
+    python benchmarks/cuber.py                       # 5 seeds, all sequences (a few minutes on 1 CPU thread)
+    python benchmarks/cuber.py --seeds 2 --sequences correlated --epochs 10
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from scipy.ndimage import gaussian_filter, shift
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_lowrank.cuber import AccuracyMatrix, ContinualConfig, ContinualTrainer  # noqa: E402
+
+
+OUT_DIR = Path(__file__).resolve().parent / "results"
+STRATEGIES = ("finetune", "gpm", "cuber")
+SEQUENCES = ("split", "permuted", "correlated")
+
+
+class DigitsMLP(nn.Module):
+    """GPM's MLP (no biases): 64-100-100, then one shared 10-way head or one 2-way head per task."""
+
+    def __init__(self, heads: int = 0, hidden: int = 100):
+        super().__init__()
+        self.lin1 = nn.Linear(64, hidden, bias=False)
+        self.lin2 = nn.Linear(hidden, hidden, bias=False)
+        if heads:
+            self.heads = nn.ModuleList(nn.Linear(hidden, 2, bias=False) for _ in range(heads))
+        else:
+            self.head = nn.Linear(hidden, 10, bias=False)
+
+    def forward(self, pixel_values, labels=None, task_id=None):
+        features = torch.relu(self.lin2(torch.relu(self.lin1(pixel_values))))
+        logits = self.heads[task_id](features) if hasattr(self, "heads") else self.head(features)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def _distort(images: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    grid = images.reshape(-1, 8, 8)
+    if kind == "noise":
+        grid = grid + rng.normal(0, 4.0, grid.shape)
+    elif kind == "blur":
+        grid = np.stack([gaussian_filter(g, 1.0) for g in grid])
+    elif kind == "shift_right":
+        grid = np.stack([shift(g, (0, 1), order=0) for g in grid])
+    elif kind == "shift_down":
+        grid = np.stack([shift(g, (1, 0), order=0) for g in grid])
+    return np.clip(grid, 0, 16).reshape(-1, 64)
+
+
+def make_sequence(name: str, seed: int):
+    """``[(task_id, train, test), ...]`` for one sequence; all randomness from ``seed``."""
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    rng = np.random.default_rng(seed)
+    mean, std = x_train.mean(0), x_train.std(0) + 1.0
+    scale = lambda a: (a - mean) / std  # noqa: E731
+    tasks = []
+    if name == "split":
+        order = rng.permutation(10)
+        for t in range(5):
+            classes = order[2 * t: 2 * t + 2]
+            pick = lambda xs, ys: (scale(xs[np.isin(ys, classes)]), (ys[np.isin(ys, classes)] == classes[1]).astype(int))  # noqa: E731
+            tasks.append((f"classes-{classes[0]}{classes[1]}", ArrayDataset(*pick(x_train, y_train)), ArrayDataset(*pick(x_test, y_test))))
+    elif name == "permuted":
+        parts = np.array_split(rng.permutation(len(y_train)), 5)
+        for t in range(5):
+            perm = np.arange(64) if t == 0 else rng.permutation(64)
+            tasks.append((f"perm-{t}", ArrayDataset(scale(x_train[parts[t]])[:, perm], y_train[parts[t]]),
+                          ArrayDataset(scale(x_test)[:, perm], y_test)))
+    elif name == "correlated":
+        parts = np.array_split(rng.permutation(len(y_train)), 5)
+        for t, kind in enumerate(["clean", "noise", "blur", "shift_right", "shift_down"]):
+            tasks.append((kind, ArrayDataset(scale(_distort(x_train[parts[t]], kind, rng)), y_train[parts[t]]),
+                          ArrayDataset(scale(_distort(x_test, kind, rng)), y_test)))
+    else:
+        raise ValueError(f"Unknown sequence {name!r}; use one of {SEQUENCES}.")
+    return tasks
+
+
+def run_one(sequence: str, strategy: str, seed: int, epochs: int, lr: float, **overrides):
+    from transformers import PrinterCallback, TrainingArguments
+
+    tasks = make_sequence(sequence, seed)
+    multi = sequence == "split"
+    config = ContinualConfig(
+        strategy=strategy,
+        energy_threshold=[0.95, 0.99] if multi else [0.95, 0.99, 0.99],
+        epsilon_1=0.2,
+        head="multi" if multi else "shared",
+        head_modules=["heads"] if multi else None,
+        save_state=False,
+        **overrides,
+    )
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="cuber_bench_"), per_device_train_batch_size=10, per_device_eval_batch_size=512,
+        num_train_epochs=epochs, learning_rate=lr, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, seed=seed, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0,
+    )
+    torch.manual_seed(seed)
+    trainer = ContinualTrainer(model=DigitsMLP(heads=5 if multi else 0), args=args, continual_config=config)
+    trainer.remove_callback(PrinterCallback)
+    matrix = trainer.train_tasks(tasks)
+    return matrix, trainer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--sequences", nargs="+", default=list(SEQUENCES), choices=SEQUENCES)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    parser.add_argument("--name", default="cuber")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+    results, memory, examples = {}, {}, {}
+    start = time.time()
+    for sequence in args.sequences:
+        for strategy in args.strategies:
+            accs, bwts = [], []
+            for seed in range(args.seeds):
+                matrix, trainer = run_one(sequence, strategy, seed, args.epochs, args.lr)
+                accs.append(matrix.acc())
+                bwts.append(matrix.bwt())
+                if seed == 0:
+                    examples[(sequence, strategy)] = matrix
+                    memory[(sequence, strategy)] = (trainer.memory.ranks(), trainer.memory_bytes())
+            results[(sequence, strategy)] = (np.array(accs) * 100, np.array(bwts) * 100)
+            print(f"[{time.time() - start:6.0f}s] {sequence:10s} {strategy:8s} ACC {np.mean(accs) * 100:6.2f} "
+                  f"BWT {np.mean(bwts) * 100:+6.2f}", flush=True)
+    write_report(args, results, memory, examples)
+
+
+def write_report(args, results, memory, examples):
+    lines = [
+        f"# CUBER / GPM / finetune on sklearn digits ({args.seeds} seeds, {args.epochs} epochs, lr {args.lr}, bs 10, SGD)",
+        "",
+        "ACC and BWT in % (mean ± std over seeds). BWT = mean_{j<T}(R[T,j] - R[j,j]).",
+        "",
+        "| sequence | strategy | ACC | BWT |",
+        "|---|---|---|---|",
+    ]
+    for (sequence, strategy), (acc, bwt) in results.items():
+        lines.append(f"| {sequence} | {strategy} | {acc.mean():.2f} ± {acc.std():.2f} | {bwt.mean():+.2f} ± {bwt.std():.2f} |")
+    lines += ["", "Memory held after the last task (seed 0): basis size / input dim, and bytes per layer "
+              "(union basis; CUBER adds per-task bases and stored gradient projections).", "",
+              "| sequence | strategy | layer | basis | union bytes | task-basis bytes | grad-stat bytes |", "|---|---|---|---|---|---|---|"]
+    for (sequence, strategy), (ranks, nbytes) in memory.items():
+        if strategy == "finetune":
+            continue
+        for layer, (rank, dim) in ranks.items():
+            b = nbytes[layer]
+            lines.append(f"| {sequence} | {strategy} | {layer} | {rank}/{dim} | {b['union']} | {b['task_bases']} | {b['task_grads']} |")
+    report = "\n".join(lines)
+    print(report)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{args.name}.md").write_text(report + "\n")
+    raw = {f"{s}/{k}": {"acc": a.tolist(), "bwt": b.tolist()} for (s, k), (a, b) in results.items()}
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(raw, indent=1))
+    plot(args, results, examples)
+
+
+def plot(args, results, examples):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sequences = list(dict.fromkeys(s for s, _ in results))
+    strategies = list(dict.fromkeys(k for _, k in results))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(strategies)
+    for col, (metric, label) in enumerate([(0, "ACC (%)"), (1, "BWT (%)")]):
+        ax = axes[col]
+        for k, strategy in enumerate(strategies):
+            values = [results[(s, strategy)][metric] for s in sequences]
+            ax.bar(np.arange(len(sequences)) + k * width, [v.mean() for v in values], width,
+                   yerr=[v.std() for v in values], label=strategy, capsize=3)
+        ax.set_xticks(np.arange(len(sequences)) + width * (len(strategies) - 1) / 2, sequences)
+        ax.set_ylabel(label)
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0].legend()
+    fig.suptitle(f"Continual learning on digits, {args.seeds} seeds")
+    fig.tight_layout()
+    fig.savefig(args.out_dir / f"{args.name}.png", dpi=120)
+    plt.close(fig)
+    for (sequence, strategy), matrix in examples.items():
+        if sequence == "correlated":
+            matrix.plot(str(args.out_dir / f"{args.name}_R_{sequence}_{strategy}.png"), title=f"{sequence} / {strategy} (seed 0)")
+
+
+if __name__ == "__main__":
+    main()

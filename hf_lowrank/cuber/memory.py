@@ -1,0 +1,209 @@
+"""Per-layer memory of old tasks' input subspaces (GPM, Saha et al. 2021), with tensor-only state.
+
+Representations (what a layer multiplies its weight with) are accumulated as the covariance ``Rᵀ R`` (``d x d``)
+from forward hooks, so no example is ever stored; its eigenvectors/eigenvalues are the left singular vectors and
+squared singular values of GPM's representation matrix ``R`` (``d x n``). Supported layers:
+
+- ``nn.Linear``: the input rows; every leading dimension (batch, tokens) is a row, so a transformer's linear layers
+  use one row per token;
+- ``nn.Conv2d`` (``groups=1``, zero padding): the im2col patches (``C_in·kh·kw`` per output position), as in GPM.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..utils.targets import module_matches
+
+
+SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def _check_projectable(name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(
+                f"Layer {name!r} is an nn.Conv2d with groups={module.groups}, padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r}; only groups=1 with numeric zero padding can be projected. "
+                "Leave it out of `target_modules`."
+            )
+    elif not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"Layer {name!r} ({type(module).__name__}) cannot be projected: only nn.Linear and nn.Conv2d are supported. "
+            "Leave it out of `target_modules`."
+        )
+
+
+def find_projectable_layers(model: nn.Module, target_modules, exclude=None) -> list[tuple[str, nn.Module]]:
+    """Target layers in model order. A matched module that owns a weight but is not supported raises ValueError."""
+    if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
+        raise ValueError("`target_modules` is empty: pass 'all-linear', a regex, or a list of module names.")
+    layers = []
+    for name, module in model.named_modules():
+        if exclude and module_matches(name, exclude):
+            continue
+        if target_modules == "all-linear":
+            if isinstance(module, nn.Linear):
+                layers.append((name, module))
+            continue
+        owns_weight = isinstance(getattr(module, "weight", None), nn.Parameter)
+        if owns_weight and module_matches(name, target_modules):
+            _check_projectable(name, module)
+            layers.append((name, module))
+    if not layers:
+        raise ValueError(
+            f"`target_modules`={target_modules!r} matched no nn.Linear/nn.Conv2d layer (heads excluded). "
+            "Use 'all-linear', a full-match regex, or a list of names/substrings."
+        )
+    return layers
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The representation rows (``n x d``) a layer's weight sees for input ``x``."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def weight_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight (or its gradient) as the ``out x d`` matrix that multiplies the representation."""
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+class RepresentationRecorder:
+    """Context manager accumulating ``Rᵀ R`` (float64) of each layer's inputs over the forward passes inside it."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        self.layers = layers
+        self.covariances: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def _hook(self, name):
+        def record(module, args, _output):
+            rows = layer_input_rows(module, args[0].detach()).double()
+            cov = rows.T @ rows
+            self.covariances[name] = cov if name not in self.covariances else self.covariances[name] + cov
+        return record
+
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _spectrum(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix."""
+    values, vectors = torch.linalg.eigh(cov)
+    return values.flip(0).clamp_min(0), vectors.flip(1)
+
+
+def energy_rank(energies: torch.Tensor, threshold: float, total: float, captured: float = 0.0) -> int:
+    """Smallest ``r`` with ``captured + Σ_{i≤r} energies_i ≥ threshold · total`` (GPM Eq. 5/9); 0 if already met.
+
+    GPM's code counts the directions strictly *below* the threshold (one fewer at the boundary); we follow the
+    paper's criterion, the smallest basis that reaches the threshold.
+    """
+    if total <= 0 or captured >= threshold * total:
+        return 0
+    cumulative = captured + torch.cumsum(energies, 0)
+    reached = torch.nonzero(cumulative >= threshold * total * (1 - 1e-12))
+    return int(reached[0]) + 1 if len(reached) else len(energies)
+
+
+def basis_from_covariance(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis (``d x r``, float32) of the top directions explaining ``threshold`` of the energy."""
+    values, vectors = _spectrum(cov)
+    rank = energy_rank(values, threshold, float(values.sum()))
+    return vectors[:, :rank].float().contiguous()
+
+
+def extend_basis(basis: torch.Tensor, cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """GPM's incremental update: add only directions outside ``basis`` until ``threshold`` of the energy is explained."""
+    if basis.shape[1] == 0:
+        return basis_from_covariance(cov, threshold)
+    total = float(torch.trace(cov))
+    m = basis.double()
+    captured = float(torch.trace(m.T @ cov @ m))
+    residual = cov - m @ (m.T @ cov)
+    residual = residual - (residual @ m) @ m.T
+    values, vectors = _spectrum((residual + residual.T) / 2)
+    rank = min(energy_rank(values, threshold, total, captured), cov.shape[0] - basis.shape[1])
+    return torch.cat([basis, vectors[:, :rank].float()], dim=1).contiguous()
+
+
+@dataclass
+class LayerMemory:
+    """What one layer remembers: the union basis ``M`` of all old tasks (GPM) and, for CUBER, each old task's own
+    basis ``B_j`` and the projection ``g_j B_j`` (``out x r_j``) of its gradient at the end of its training."""
+
+    union: torch.Tensor
+    task_bases: list = field(default_factory=list)
+    task_grads: list = field(default_factory=list)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        state = {"union": self.union}
+        for j, (basis, grad) in enumerate(zip(self.task_bases, self.task_grads)):
+            state[f"task{j}.basis"] = basis
+            state[f"task{j}.grad"] = grad
+        return state
+
+    def nbytes(self) -> dict[str, int]:
+        size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {"union": size([self.union]), "task_bases": size(self.task_bases), "task_grads": size(self.task_grads)}
+
+
+class SubspaceMemory:
+    """Bases of every target layer; grows after each task. State is tensors only (``torch.load(weights_only=True)``)."""
+
+    def __init__(self, layer_dims: dict[str, int], keep_task_statistics: bool):
+        self.keep_task_statistics = keep_task_statistics
+        self.layers = {name: LayerMemory(union=torch.zeros(dim, 0)) for name, dim in layer_dims.items()}
+        self.num_tasks = 0
+
+    def add_task(self, covariances: dict[str, torch.Tensor], thresholds: dict[str, float],
+                 grads: dict[str, torch.Tensor] | None = None) -> None:
+        """Fold one finished task in: extend each union basis; with task statistics, keep ``B_j`` and ``g_j B_j``."""
+        missing = set(self.layers) - set(covariances)
+        if missing:
+            raise RuntimeError(f"No representation was recorded for layers {sorted(missing)}: were they used in forward?")
+        for name, layer in self.layers.items():
+            cov = covariances[name]
+            layer.union = extend_basis(layer.union, cov, thresholds[name])
+            if self.keep_task_statistics:
+                basis = basis_from_covariance(cov, thresholds[name])
+                layer.task_bases.append(basis)
+                layer.task_grads.append(weight_matrix(grads[name]).float() @ basis)
+        self.num_tasks += 1
+
+    def nbytes(self) -> dict[str, dict[str, int]]:
+        return {name: layer.nbytes() for name, layer in self.layers.items()}
+
+    def total_bytes(self) -> int:
+        return sum(sum(parts.values()) for parts in self.nbytes().values())
+
+    def ranks(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (basis size, input dimension)}``, GPM's 'gradient constraints summary'."""
+        return {name: (layer.union.shape[1], layer.union.shape[0]) for name, layer in self.layers.items()}
+
+    def state_dict(self) -> dict:
+        state = {"num_tasks": self.num_tasks}
+        for name, layer in self.layers.items():
+            for key, tensor in layer.tensors().items():
+                state[f"{name}/{key}"] = tensor
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_tasks = int(state["num_tasks"])
+        for name, layer in self.layers.items():
+            if f"{name}/union" not in state:
+                raise KeyError(f"Continual state has no basis for layer {name!r}: was it saved from the same model?")
+            layer.union = state[f"{name}/union"].float()
+            count = self.num_tasks if self.keep_task_statistics else 0
+            layer.task_bases = [state[f"{name}/task{j}.basis"].float() for j in range(count)]
+            layer.task_grads = [state[f"{name}/task{j}.grad"].float() for j in range(count)]

@@ -1,0 +1,300 @@
+"""``ContinualTrainer``: a ``transformers.Trainer`` that learns a sequence of tasks with finetune / GPM / CUBER.
+
+Each task is one ordinary ``Trainer.train()`` run (``TrainingArguments``, callbacks, logging as usual) with a fresh
+optimizer and scheduler. Around it the trainer (1) before the task, under CUBER, runs the layer-wise correlation
+test and builds each layer's projection, (2) projects gradients right before every optimizer step (a step hook,
+so any torch optimizer works), (3) after the task folds the layer inputs of a sample of the task's training data
+into the per-layer bases (only ``d x d`` covariances, never the examples) and (4) evaluates every task seen so far
+into the accuracy matrix ``R``. Old tasks' evaluation sets are referenced for ``R`` only, never trained on.
+"""
+import inspect
+import os
+from contextlib import nullcontext
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import set_seed
+from transformers.utils import logging
+
+from .config import ContinualConfig
+from .memory import RepresentationRecorder, SubspaceMemory, find_projectable_layers, weight_matrix
+from .metrics import AccuracyMatrix
+from .projection import REGIME_POSITIVE, GradientProjection, LayerProjection, correlation_test
+from ..utils.targets import module_matches
+
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "continual_state.pt"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class _EpochCorrelationCheck(TrainerCallback):
+    """CUBER re-tests the correlation at the start of every epoch after the first."""
+
+    def __init__(self, trainer: "ContinualTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if state.epoch and state.epoch > 0:
+            self.trainer._refresh_projection()
+
+
+class ContinualTrainer(Trainer):
+    """Trainer for a sequence of tasks without replay.
+
+    Args:
+        continual_config: a :class:`ContinualConfig` (strategy, thresholds, target layers, heads).
+        All other arguments are those of ``transformers.Trainer``; pass custom optimizers as
+        ``optimizer_cls_and_kwargs`` (a fresh optimizer is built per task, since moments from an old task would
+        move the protected subspaces).
+    """
+
+    def __init__(self, model=None, args=None, continual_config: ContinualConfig | None = None, **kwargs):
+        optimizers = kwargs.get("optimizers", (None, None))
+        if optimizers is not None and any(o is not None for o in optimizers):
+            raise ValueError(
+                "ContinualTrainer builds a fresh optimizer per task; pass `optimizer_cls_and_kwargs=(cls, kwargs)` "
+                "instead of `optimizers=`."
+            )
+        if kwargs.get("model_init") is not None:
+            raise ValueError("ContinualTrainer keeps one model across tasks; `model_init` is not supported.")
+        super().__init__(model=model, args=args, **kwargs)
+        self.continual_config = config = continual_config or ContinualConfig()
+        multi = config.head == "multi"
+        if multi:
+            self._check_task_kwarg()
+        self.target_layers = dict(
+            find_projectable_layers(self.model, config.target_modules, config.head_modules if multi else None)
+        )
+        self.memory = SubspaceMemory(
+            {name: weight_matrix(m.weight).shape[1] for name, m in self.target_layers.items()},
+            keep_task_statistics=config.strategy == "cuber",
+        )
+        self.accuracy = AccuracyMatrix()
+        self.correlation_history: list[dict] = []
+        self._eval_sets: dict = {}
+        self._task_index = 0
+        self._projection: GradientProjection | None = None
+        self._sample = None
+        self._hook_handles = []
+        if config.strategy == "cuber" and config.recheck_every_epoch:
+            self.add_callback(_EpochCorrelationCheck(self))
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def task_ids(self) -> list:
+        return list(self.accuracy.task_ids)
+
+    def train_task(self, task_id, train_dataset, eval_dataset=None) -> list[float]:
+        """Train one task, update the memory, evaluate all tasks seen so far; returns the new row of ``R``."""
+        if task_id in self.accuracy.task_ids:
+            raise ValueError(f"Task id {task_id!r} was already trained; every task needs a new id.")
+        if not hasattr(train_dataset, "__len__"):
+            raise TypeError(f"`train_dataset` of task {task_id!r} must be map-style (have a length).")
+        if len(train_dataset) == 0:
+            raise ValueError(f"`train_dataset` of task {task_id!r} is empty.")
+        if eval_dataset is not None and len(eval_dataset) == 0:
+            raise ValueError(f"`eval_dataset` of task {task_id!r} is empty; pass None to skip its evaluation.")
+        config = self.continual_config
+        index = len(self.accuracy.task_ids)
+        set_seed(self.args.seed + index)
+        self._task_index = index
+        self.train_dataset = train_dataset
+        self.optimizer, self.lr_scheduler = None, None
+        self._sample = self._sample_loader(train_dataset, seed=self.args.seed + index)
+        self._projection = None
+        if config.strategy != "finetune" and index > 0:
+            self._projection = GradientProjection(
+                self.target_layers, {}, frozen=self._frozen_parameters(), project_update=config.project_update
+            )
+            self._refresh_projection()
+        try:
+            self.train()
+        finally:
+            for handle in self._hook_handles:
+                handle.remove()
+            self._hook_handles = []
+        if config.strategy != "finetune":
+            covariances, grads = self._sample_statistics(record=True, need_grads=config.strategy == "cuber")
+            names = list(self.target_layers)
+            thresholds = {n: config.threshold_for(i, n, len(names), index) for i, n in enumerate(names)}
+            self.memory.add_task(covariances, thresholds, grads)
+        self._sample = None
+        self._eval_sets[task_id] = eval_dataset
+        row = [self._task_accuracy(j, t) for j, t in enumerate(self.accuracy.task_ids + [task_id])]
+        self.accuracy.add_row(task_id, row)
+        self._task_index = index
+        self._log_task_end(task_id, row)
+        if config.save_state and self.args.output_dir and self.is_world_process_zero():
+            self.save_continual_checkpoint(os.path.join(self.args.output_dir, f"task-{index}"))
+        return row
+
+    def train_tasks(self, tasks) -> AccuracyMatrix:
+        """Train a sequence: a list of ``(task_id, train, eval)`` tuples or of ``(train, eval)`` pairs / datasets
+        (ids ``0..T-1``). Tasks already trained (after :meth:`load_continual_checkpoint`) only register their
+        evaluation set, so resuming a sequence is ``load_continual_checkpoint(dir); train_tasks(same list)``."""
+        for position, task in enumerate(tasks):
+            if isinstance(task, tuple) and len(task) == 3:
+                task_id, train, evaluation = task
+            elif isinstance(task, tuple) and len(task) == 2:
+                (train, evaluation), task_id = task, position
+            else:
+                train, evaluation, task_id = task, None, position
+            if task_id in self.accuracy.task_ids:
+                self._eval_sets[task_id] = evaluation
+                continue
+            self.train_task(task_id, train, evaluation)
+        return self.accuracy
+
+    def memory_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes held per layer: union basis, per-task bases and stored gradient projections (CUBER)."""
+        return self.memory.nbytes()
+
+    def save_continual_checkpoint(self, directory: str) -> None:
+        """Model weights (safetensors) and the continual state (tensors, numbers, ids; ``weights_only`` loadable)."""
+        os.makedirs(directory, exist_ok=True)
+        save_model(self.model, os.path.join(directory, WEIGHTS_FILE))
+        state = {
+            "memory": self.memory.state_dict(),
+            "task_ids": list(self.accuracy.task_ids),
+            "accuracy_rows": [torch.tensor(row, dtype=torch.float64) for row in self.accuracy.rows],
+            "strategy": self.continual_config.strategy,
+        }
+        torch.save(state, os.path.join(directory, STATE_FILE))
+        self.accuracy.save_json(os.path.join(directory, "accuracy_matrix.json"))
+
+    def load_continual_checkpoint(self, directory: str) -> None:
+        """Restore weights, bases and task state saved by :meth:`save_continual_checkpoint`."""
+        state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+        if state["strategy"] != self.continual_config.strategy:
+            raise ValueError(
+                f"Checkpoint was written with strategy {state['strategy']!r}, this trainer uses "
+                f"{self.continual_config.strategy!r}."
+            )
+        load_model(self.model, os.path.join(directory, WEIGHTS_FILE))
+        self.memory.load_state_dict(state["memory"])
+        self.accuracy = AccuracyMatrix(state["task_ids"], [row.tolist() for row in state["accuracy_rows"]])
+        self._eval_sets = {task_id: self._eval_sets.get(task_id) for task_id in self.accuracy.task_ids}
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self._projection is not None and not self._hook_handles:
+            self._hook_handles = self._projection.attach(optimizer)
+        return optimizer
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        if self.continual_config.head == "multi":
+            inputs[self.continual_config.task_kwarg] = self._task_index
+        return inputs
+
+    # ------------------------------------------------------------------ internals
+    def _check_task_kwarg(self) -> None:
+        parameters = inspect.signature(self.model.forward).parameters
+        name = self.continual_config.task_kwarg
+        if name not in parameters and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            raise ValueError(
+                f"`head='multi'` passes the task index as `{name}=` to the model, but "
+                f"{type(self.model).__name__}.forward does not accept it; add that argument or set `task_kwarg`."
+            )
+
+    def _frozen_parameters(self) -> list:
+        config = self.continual_config
+        if not config.freeze_unprojected_after_first_task:
+            return []
+        projected = {id(m.weight) for m in self.target_layers.values()}
+        heads = config.head_modules if config.head == "multi" else None
+        frozen = []
+        for module_name, module in self.model.named_modules():
+            if heads and module_matches(module_name, heads):
+                continue
+            for param in module.parameters(recurse=False):
+                if param.requires_grad and id(param) not in projected:
+                    frozen.append(param)
+        if heads:  # parameters of a head's submodules were visited through the submodule itself
+            head_params = {id(p) for n, m in self.model.named_modules() if module_matches(n, heads) for p in m.parameters()}
+            frozen = [p for p in frozen if id(p) not in head_params]
+        return frozen
+
+    def _sample_loader(self, dataset, seed: int):
+        """Data loader over at most ``representation_samples`` training examples (seeded choice)."""
+        count = min(self.continual_config.representation_samples, len(dataset))
+        indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        subset = dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
+        return self.get_eval_dataloader(subset)
+
+    def _sample_statistics(self, record: bool, need_grads: bool = True):
+        """One pass over the task's sample at the current weights: input covariances of the target layers (if
+        ``record``) and the mean-loss gradient of their weights (if ``need_grads``). Leaves ``.grad`` untouched."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        weights = [m.weight for m in self.target_layers.values()]
+        grads = [torch.zeros_like(w) for w in weights] if need_grads else None
+        total = len(self._sample.dataset)
+        recorder = RepresentationRecorder(list(self.target_layers.items()))
+        with torch.enable_grad() if need_grads else torch.no_grad():
+            with recorder if record else nullcontext():
+                for batch in self._sample:
+                    inputs = self._prepare_inputs(batch)
+                    if not need_grads:
+                        model(**inputs)
+                        continue
+                    size = len(next(iter(batch.values())))
+                    loss = self.compute_loss(model, inputs) * (size / total)
+                    for acc, g in zip(grads, torch.autograd.grad(loss, weights, allow_unused=True)):
+                        if g is not None:
+                            acc += g
+        model.train(was_training)
+        named_grads = dict(zip(self.target_layers, grads)) if need_grads else None
+        return recorder.covariances, named_grads
+
+    def _refresh_projection(self) -> None:
+        """(Re)build every layer's projection; under CUBER run the correlation test at the current weights."""
+        if self._projection is None:
+            return
+        config = self.continual_config
+        positives = {name: [] for name in self.target_layers}
+        if config.strategy == "cuber":
+            _, grads = self._sample_statistics(record=False)
+            record = {"task_index": self._task_index, "layers": {}}
+            for name, layer in self.memory.layers.items():
+                tests = [
+                    correlation_test(grads[name], basis, old_grad, config.epsilon_1, config.epsilon_2)
+                    for basis, old_grad in zip(layer.task_bases, layer.task_grads)
+                ]
+                positives[name] = [j for j, t in enumerate(tests) if t.regime == REGIME_POSITIVE]
+                record["layers"][name] = [
+                    {"old_task": j, "ratio": t.projection_ratio, "cosine": t.cosine, "regime": t.regime}
+                    for j, t in enumerate(tests)
+                ]
+            self.correlation_history.append(record)
+            logger.info(f"CUBER task {self._task_index}: positively correlated old tasks per layer {positives}")
+        self._projection.projections = {
+            name: LayerProjection(self.memory.layers[name], positives[name], config.backward_scale, config.step_guard)
+            for name in self.target_layers
+        }
+
+    def _task_accuracy(self, task_index: int, task_id) -> float:
+        dataset = self._eval_sets.get(task_id)
+        if dataset is None:
+            return float("nan")
+        self._task_index = task_index
+        output = self.predict(dataset, metric_key_prefix="continual")
+        if "continual_accuracy" in output.metrics:
+            return float(output.metrics["continual_accuracy"])
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        return float((logits.argmax(-1) == output.label_ids).mean())
+
+    def _log_task_end(self, task_id, row) -> None:
+        logs = {f"continual/acc_{t}": a for t, a in zip(self.accuracy.task_ids, row)}
+        logs["continual/ACC"] = self.accuracy.acc()
+        if len(row) > 1:
+            logs["continual/BWT"] = self.accuracy.bwt()
+        logs["continual/memory_bytes"] = self.memory.total_bytes()
+        self.log(logs)
+        logger.info(f"Finished task {task_id!r}: R row {row}; basis sizes {self.memory.ranks()}")
+

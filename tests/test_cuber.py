@@ -1,0 +1,347 @@
+"""CUBER / GPM continual learning: energy criterion, GPM invariance, correlation test, metrics, resume, errors."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from transformers import PrinterCallback, TrainingArguments
+
+from hf_lowrank.cuber import (
+    AccuracyMatrix,
+    ContinualConfig,
+    ContinualTrainer,
+    LayerProjection,
+    RepresentationRecorder,
+    average_accuracy,
+    backward_transfer,
+    basis_from_covariance,
+    correlation_test,
+    energy_rank,
+    extend_basis,
+)
+from hf_lowrank.cuber.memory import LayerMemory
+from hf_lowrank.cuber.projection import REGIME_POSITIVE, REGIME_STRONG, REGIME_WEAK
+
+
+# ----------------------------------------------------------------------------- fixtures
+class TinyNet(nn.Module):
+    """Linear (or Conv2d) body with biases, shared or per-task heads; returns {'loss', 'logits'}."""
+
+    def __init__(self, dim=24, hidden=64, classes=3, conv=False, heads=0):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1) if conv else None
+        self.lin1 = nn.Linear(4 * dim if conv else dim, hidden)
+        self.lin2 = nn.Linear(hidden, hidden)
+        self.heads = nn.ModuleList(nn.Linear(hidden, classes) for _ in range(heads)) if heads else None
+        self.head = None if heads else nn.Linear(hidden, classes)
+
+    def forward(self, x, labels=None, task_id=None):
+        if self.conv is not None:
+            side = int(math.isqrt(x.shape[-1]))
+            x = torch.relu(self.conv(x.view(-1, 1, side, side))).flatten(1)
+        h = torch.relu(self.lin2(torch.relu(self.lin1(x))))
+        logits = self.heads[task_id](h) if self.heads is not None else self.head(h)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def low_rank_task(seed, n=40, dim=24, rank=6, classes=3):
+    """Inputs in a random ``rank``-dim subspace (room left for later tasks), labels from a random linear rule."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, rank, generator=g))[0]
+    x = torch.randn(n, rank, generator=g) @ basis.T
+    y = (x @ torch.randn(dim, classes, generator=g)).argmax(1)
+    return Rows(x, y)
+
+
+def make_trainer(tmp_path, model, optim="sgd", lr=0.05, epochs=2, seed=0, **config):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=64, num_train_epochs=epochs,
+        learning_rate=lr, optim=optim, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, seed=seed,
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+    )
+    config.setdefault("save_state", False)
+    trainer = ContinualTrainer(model=model, args=args, continual_config=ContinualConfig(**config))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def known_spectrum(energies, dim=8, rows=30, seed=0):
+    """A representation matrix (``rows x dim``) whose squared singular values are exactly ``energies``."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(rows, len(energies), generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(dim, len(energies), generator=g, dtype=torch.float64))[0]
+    return u @ torch.diag(torch.tensor(energies, dtype=torch.float64).sqrt()) @ v.T, v
+
+
+# ----------------------------------------------------------------------------- energy criterion
+@pytest.mark.parametrize("threshold, expected", [(0.3, 1), (0.65, 2), (0.75, 3), (0.95, 4), (1.0, 4)])
+def test_energy_criterion_keeps_exact_number_of_directions(threshold, expected):
+    rep, v = known_spectrum([4.0, 3.0, 2.0, 1.0])
+    basis = basis_from_covariance(rep.T @ rep, threshold)
+    assert basis.shape == (8, expected)
+    # the kept directions are the top right-singular vectors (up to sign)
+    overlap = (basis.double().T @ v[:, :expected]).abs()
+    torch.testing.assert_close(overlap.diagonal(), torch.ones(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert energy_rank(torch.tensor([4.0, 3.0, 2.0, 1.0]), threshold, 10.0) == expected
+
+
+def test_incremental_basis_adds_only_new_directions():
+    rep, v = known_spectrum([4.0, 3.0, 2.0, 1.0])
+    cov = rep.T @ rep
+    first = v[:, :1].float()  # basis already holding 40% of the energy
+    grown = extend_basis(first, cov, 0.65)  # needs 65%: exactly one more direction, the 30% one
+    assert grown.shape == (8, 2)
+    torch.testing.assert_close(grown[:, :1], first)
+    assert abs(float(grown[:, 1].double() @ v[:, 1])) == pytest.approx(1.0, abs=1e-6)
+    assert extend_basis(first, cov, 0.35).shape == (8, 1)  # already explained: nothing added
+    torch.testing.assert_close(grown.T @ grown, torch.eye(2), atol=1e-5, rtol=0)
+
+
+def test_representation_rows_linear_tokens_and_conv_im2col():
+    lin, conv = nn.Linear(6, 3), nn.Conv2d(2, 3, 3, padding=1, stride=2)
+    tokens, images = torch.randn(2, 5, 6), torch.randn(2, 2, 6, 6)
+    with RepresentationRecorder([("lin", lin), ("conv", conv)]) as rec:
+        lin(tokens)
+        conv(images)
+    flat = tokens.reshape(10, 6).double()
+    torch.testing.assert_close(rec.covariances["lin"], flat.T @ flat)
+    patches = nn.functional.unfold(images, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18).double()
+    torch.testing.assert_close(rec.covariances["conv"], patches.T @ patches)
+    # im2col rows reproduce the convolution: they are what the (out x C·k·k) weight multiplies
+    out = (patches.float() @ conv.weight.reshape(3, -1).T + conv.bias).reshape(2, 9, 3).transpose(1, 2)
+    torch.testing.assert_close(out.reshape(2, 3, 3, 3), conv(images), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- correlation test / projection
+def test_correlation_test_fires_on_constructed_cases():
+    basis = torch.eye(5)[:, :2]  # old task's input subspace: e1, e2
+    grad = torch.tensor([[1.0, 2.0, 0.1, 0.0, 0.0], [0.5, -1.0, 0.0, 0.2, 0.0]])
+    aligned = grad @ basis  # old task's gradient (projected) points the same way
+    assert correlation_test(grad, basis, aligned, 0.2, 0.0).regime == REGIME_POSITIVE
+    assert correlation_test(grad, basis, -aligned, 0.2, 0.0).regime == REGIME_STRONG
+    orthogonal = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    weak = correlation_test(orthogonal, basis, aligned, 0.2, 0.0)
+    assert weak.regime == REGIME_WEAK and weak.projection_ratio == 0.0
+    # epsilon_2 is a cosine threshold: a barely positive correlation is rejected by a strict one
+    tilted = aligned + torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    test = correlation_test(grad, basis, tilted, 0.2, 0.0)
+    assert test.regime == REGIME_POSITIVE and 0 < test.cosine < 0.9
+    assert correlation_test(grad, basis, tilted, 0.2, 0.9).regime == REGIME_STRONG
+
+
+def test_backward_update_keeps_positive_subspace_and_protects_the_rest():
+    eye = torch.eye(6)
+    memory = LayerMemory(union=eye[:, :3], task_bases=[eye[:, :2], eye[:, 1:3]], task_grads=[None, None])
+    grad = torch.ones(2, 6)
+    memory.task_grads = [grad @ eye[:, :2], -(grad @ eye[:, 1:3])]
+    # task 0 (e1, e2) is positive, task 1 (e2, e3) is not: only e1 may move; e2 is shielded because task 1 uses it
+    out = LayerProjection(memory, positive_tasks=[0], backward_scale=0.5).project(grad)
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0, 0, 1, 1, 1]] * 2))
+    # GPM: the whole union is removed
+    torch.testing.assert_close(LayerProjection(memory).project(grad), torch.tensor([[0.0, 0, 0, 1, 1, 1]] * 2))
+    # step guard: a step whose kept part would raise task 0's loss to first order keeps nothing in its subspace
+    memory.task_grads[0] = -memory.task_grads[0]
+    torch.testing.assert_close(LayerProjection(memory, [0]).project(grad), torch.tensor([[0.0, 0, 0, 1, 1, 1]] * 2))
+    assert torch.equal(LayerProjection(memory, [0], step_guard=False).project(grad)[:, 0], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- GPM invariance
+@pytest.mark.parametrize("conv, optim, project_update", [(False, "sgd", False), (True, "sgd", False), (False, "adamw_torch", True)])
+def test_gpm_keeps_old_task_outputs(tmp_path, conv, optim, project_update):
+    torch.manual_seed(0)
+    dim = 16 if conv else 24
+    model = TinyNet(dim=dim, conv=conv)
+    lr = 0.01 if optim.startswith("adam") else 0.05
+    trainer = make_trainer(tmp_path, model, optim=optim, lr=lr, strategy="gpm", energy_threshold=1.0,
+                           target_modules=["conv", "lin1", "lin2", "head"], project_update=project_update,
+                           representation_samples=64)
+    old, new = low_rank_task(0, dim=dim, rank=4), low_rank_task(1, dim=dim, rank=4)
+    trainer.train_task("old", old, old)
+    model.eval()
+    with torch.no_grad():
+        before = model(old.x)["logits"].clone()
+        weights = {n: p.clone() for n, p in model.named_parameters()}
+    trainer.train_task("new", new, new)
+    model.eval()
+    with torch.no_grad():
+        after = model(old.x)["logits"]
+    assert (after - before).abs().max() < 1e-4
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, weights[n])]
+    assert "lin1.weight" in moved and "head.weight" in moved  # the new task did learn
+    assert not any(n.endswith("bias") for n in moved)  # biases frozen after the first task (GPM)
+
+
+def test_finetune_forgets_where_gpm_does_not(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    trainer = make_trainer(tmp_path, model, strategy="finetune")
+    old, new = low_rank_task(0), low_rank_task(1)
+    trainer.train_task(0, old, old)
+    with torch.no_grad():
+        before = model(old.x)["logits"].clone()
+    trainer.train_task(1, new, new)
+    with torch.no_grad():
+        assert (model(old.x)["logits"] - before).abs().max() > 1e-2
+    assert trainer.memory.total_bytes() == 0
+
+
+def test_cuber_records_correlations_and_reports_memory(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet(heads=3)
+    trainer = make_trainer(tmp_path, model, strategy="cuber", head="multi", head_modules=["heads"],
+                           energy_threshold=[0.9, 0.95], epochs=2)
+    tasks = [low_rank_task(s) for s in range(3)]
+    matrix = trainer.train_tasks([(t, t) for t in tasks])
+    assert matrix.values.shape == (3, 3) and not np.isnan(np.tril(matrix.values)).any()
+    # one test at the start of each task plus one per later epoch; each layer has one entry per old task
+    assert [r["task_index"] for r in trainer.correlation_history] == [1, 1, 2, 2]
+    assert [len(r["layers"]["lin1"]) for r in trainer.correlation_history] == [1, 1, 2, 2]
+    nbytes = trainer.memory_bytes()
+    assert set(nbytes) == {"lin1", "lin2"}  # heads are task-specific: neither projected nor remembered
+    for name, parts in nbytes.items():
+        layer = trainer.memory.layers[name]
+        assert parts["union"] == layer.union.numel() * 4 > 0
+        assert parts["task_bases"] == sum(b.numel() * 4 for b in layer.task_bases)
+        assert parts["task_grads"] == sum(64 * b.shape[1] * 4 for b in layer.task_bases)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_acc_bwt_from_hand_made_matrix(tmp_path):
+    rows = [[0.9], [0.8, 0.7], [0.85, 0.6, 0.95]]
+    matrix = AccuracyMatrix(["a", "b"], rows[:2])
+    matrix.add_row("c", rows[2])
+    assert matrix.acc() == pytest.approx((0.85 + 0.6 + 0.95) / 3)
+    assert matrix.bwt() == pytest.approx(((0.85 - 0.9) + (0.6 - 0.7)) / 2)
+    assert average_accuracy(matrix.values) == pytest.approx(0.8)
+    assert math.isnan(backward_transfer([[0.5]]))
+    path = tmp_path / "r.json"
+    matrix.save_json(str(path))
+    loaded = AccuracyMatrix.load_json(str(path))
+    assert loaded.task_ids == ["a", "b", "c"] and loaded.bwt() == pytest.approx(-0.075)
+    matrix.plot(str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="expected 4"):
+        matrix.add_row("d", [0.1])
+
+
+# ----------------------------------------------------------------------------- checkpoint / resume
+def test_resume_mid_sequence_reproduces_uninterrupted_run(tmp_path):
+    tasks = [(f"t{s}", low_rank_task(s), low_rank_task(s)) for s in range(3)]
+    config = dict(strategy="cuber", energy_threshold=0.95, save_state=True)
+
+    torch.manual_seed(0)
+    full = make_trainer(tmp_path / "full", TinyNet(), **config)
+    full.train_tasks(tasks)
+
+    torch.manual_seed(0)
+    first = make_trainer(tmp_path / "part", TinyNet(), **config)
+    first.train_tasks(tasks[:2])
+    checkpoint = tmp_path / "part" / "task-1"
+    state = torch.load(checkpoint / "continual_state.pt", weights_only=True)
+    assert state["task_ids"] == ["t0", "t1"] and state["memory"]["num_tasks"] == 2
+
+    torch.manual_seed(123)  # a differently initialised model: everything must come from the checkpoint
+    resumed = make_trainer(tmp_path / "resumed", TinyNet(), **config)
+    resumed.load_continual_checkpoint(str(checkpoint))
+    for name, layer in resumed.memory.layers.items():
+        torch.testing.assert_close(layer.union, first.memory.layers[name].union)
+    resumed.train_tasks(tasks)
+    np.testing.assert_allclose(resumed.accuracy.values, full.accuracy.values)
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+# ----------------------------------------------------------------------------- transformer linears
+def test_transformer_linear_layers_use_token_rows(tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(hidden=32, layers=1, intermediate=64, vocab=64, heads=2)
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self, seed):
+            self.ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    trainer = make_trainer(tmp_path, model, strategy="gpm", energy_threshold=0.9, target_modules=["self_attn", "mlp"],
+                           epochs=1)
+    trainer.train_task(0, Tokens(0))
+    ranks = trainer.memory.ranks()
+    assert len(ranks) == 7  # q, k, v, o, gate, up, down
+    assert ranks["model.layers.0.mlp.down_proj"][1] == 64 and ranks["model.layers.0.self_attn.q_proj"][1] == 32
+    assert all(0 < r <= d for r, d in ranks.values())
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(energy_threshold=0.0), "energy_threshold"),
+    (dict(energy_threshold=[0.9, 1.5]), "energy_threshold"),
+    (dict(epsilon_1=0.0), "epsilon_1"),
+    (dict(epsilon_1=1.2), "epsilon_1"),
+    (dict(epsilon_2=-0.1), "epsilon_2"),
+    (dict(strategy="ewc"), "strategy"),
+    (dict(head="multi"), "head_modules"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ContinualConfig(**kwargs)
+
+
+def test_trainer_rejects_bad_input(tmp_path):
+    task = low_rank_task(0)
+    trainer = make_trainer(tmp_path, TinyNet(), strategy="gpm")
+    with pytest.raises(ValueError, match="empty"):
+        trainer.train_task("a", Rows(task.x[:0], task.y[:0]))
+    trainer.train_task("a", task)
+    with pytest.raises(ValueError, match="already trained"):
+        trainer.train_task("a", task)
+
+    class WithEmbedding(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+
+    with pytest.raises(ValueError, match="cannot be projected"):
+        make_trainer(tmp_path, WithEmbedding(), target_modules=["embed", "lin1"])
+    grouped = TinyNet(conv=True)
+    grouped.conv = nn.Conv2d(2, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="groups=2"):
+        make_trainer(tmp_path, grouped, target_modules=["conv"])
+    with pytest.raises(ValueError, match="3 target layers"):
+        make_trainer(tmp_path, TinyNet(), energy_threshold=[0.9, 0.9]).train_task(0, task)
+
+    class NoTaskArg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+            self.heads = nn.ModuleList([nn.Linear(2, 2)])
+
+        def forward(self, x, labels=None):
+            return {"logits": self.heads[0](self.lin(x))}
+
+    with pytest.raises(ValueError, match="task_id"):
+        make_trainer(tmp_path, NoTaskArg(), head="multi", head_modules=["heads"])
+    opt = torch.optim.SGD(TinyNet().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        ContinualTrainer(model=TinyNet(), args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                         optimizers=(opt, None))
