@@ -7,15 +7,15 @@
     hf-lowrank env
 
 A YAML config names its recipe (``recipe: glue``); the script ``<recipe>.py`` is found beside the ``configs`` folder
-holding the YAML (``recipes/glue.py`` for ``recipes/configs/glue/*.yaml``) and runs in this process, or under
+holding the YAML (``recipes/glue.py`` for ``recipes/configs/glue/*.yaml``) and runs in this process (imported from its path), or under
 ``accelerate launch`` with ``--launcher accelerate``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +59,16 @@ def run_recipe(config: Path, overrides: list[str], launcher: str = "python", acc
         return None
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(script), *argv]
+    name = f"hf_lowrank_recipes.{script.stem}"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclass type hints resolve through sys.modules
     try:
-        namespace = runpy.run_path(str(script), run_name="hf_lowrank_recipe")
-        return namespace["main"](argv)
+        spec.loader.exec_module(module)
+        return module.main(argv)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+        sys.modules.pop(name, None)
 
 
 def _sibling_config(config: Path, mode: str) -> Optional[Path]:
@@ -197,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # key=value overrides may follow --options
+    if extra and (args.command not in ("train", "eval", "compare") or any("=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command in ("train", "eval"):
             overrides = list(args.overrides) + (["do_train=false"] if args.command == "eval" else [])

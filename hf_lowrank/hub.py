@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -215,7 +214,7 @@ def validate_card(card) -> None:
         for result in card.data.eval_results:
             if result.metric_value is None or not result.dataset_type or not result.task_type:
                 raise ValueError(f"Incomplete eval result: {result}.")
-    if re.search(r"{{|}}|{%|%}", card.text):
+    if re.search(r"\{\{\s*[\w.|()'\" ]+\s*\}\}|\{%.*?%\}", card.text):  # not BibTeX's {{LoRA}: ...}
         raise ValueError("Model card text still contains Jinja placeholders.")
 
 
@@ -253,10 +252,8 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     if results is not None:
-        if isinstance(results, dict):
-            (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        else:
-            shutil.copyfile(results, output_dir / RESULTS_FILE)
+        record = _load_results(results)
+        (output_dir / RESULTS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         card = render_model_card(output_dir / RESULTS_FILE, repo_id=repo_id, license=license)
         readme = output_dir / "README.md"
         if readme.is_file():

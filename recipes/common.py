@@ -256,7 +256,7 @@ def load_config(config_cls, path: Optional[str] = None, overrides: tuple[str, ..
     for key in raw:
         if key not in fields_:
             raise _unknown_key_error(key, config_cls)
-    hints = typing.get_type_hints(config_cls)
+    hints = typing.get_type_hints(config_cls, localns={"Any": Any, "Optional": Optional, "Union": Union})
     values = {key: coerce(value, hints[key], key) for key, value in raw.items()}
     if not values.get("config_name"):
         stem = path.stem if path is not None else values.get("task") or "default"

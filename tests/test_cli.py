@@ -1,0 +1,84 @@
+"""`hf-lowrank` CLI: train / eval / compare / card / env, and clean errors for bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hf_lowrank import cli
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "configs" / "pretrain" / "tiny_galore.yaml"
+FAST = ["max_steps=3", "batch_size=2", "max_seq_length=16", "eval_batches=1", "eval_batch_size=2", "rank=4",
+        "model_config.num_hidden_layers=1", "model_config.hidden_size=32", "model_config.intermediate_size=64",
+        "progress=false"]
+
+
+def test_train_runs_the_recipe_named_in_the_yaml(tmp_path):
+    assert cli.main(["train", str(TINY), f"results_dir={tmp_path}", *FAST]) == 0
+    record = json.loads((tmp_path / "tinyshakespeare--galore--tiny.json").read_text())
+    assert record["train_info"]["steps"] == 3 and record["run_info"]["config"]["rank"] == 4
+
+
+def test_eval_skips_training_and_copied_configs_find_their_recipe(tmp_path, monkeypatch):
+    copied = tmp_path / "my_experiment_galore.yaml"
+    shutil.copy(TINY, copied)  # a config outside recipes/ still finds recipes/pretrain.py
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", str(copied), "mode=adamw", "results_dir=res", *FAST]) == 0
+    record = json.loads((tmp_path / "res" / "tinyshakespeare--adamw--my_experiment.json").read_text())
+    assert record["run_info"]["config"]["do_train"] is False and record["train_info"]["steps"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", str(TINY), "bogus_key=1"], "Unknown config key `bogus_key`"),
+    (["train", str(TINY), "mode=nope"], "Unknown mode 'nope'"),
+    (["train", "/nonexistent.yaml"], "does not exist"),
+    (["compare", str(TINY), "--modes", "adamw,nope"], "Unknown mode 'nope'"),
+    (["card", "/nonexistent.json"], "does not exist"),
+    (["card", "x.json", "--push"], "--push needs --repo-id"),
+])
+def test_errors_are_one_line_messages(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-lowrank: error:") and message in err and "Traceback" not in err
+
+
+def test_yaml_without_recipe_key(tmp_path, capsys):
+    (tmp_path / "x.yaml").write_text("lr: 1e-3\n")
+    assert cli.main(["train", str(tmp_path / "x.yaml")]) == 2
+    assert "has no `recipe:` key" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One `compare` run (two modes, each in its own process) shared by the tests below."""
+    out = tmp_path_factory.mktemp("compare")
+    code = cli.main(["compare", str(TINY), "--modes", "adamw,galore", "--results-dir", str(out), *FAST])
+    return code, out
+
+
+def test_compare_writes_table_and_plot(compared):
+    code, out = compared
+    assert code == 0
+    table = (out / "tinyshakespeare--compare--tiny.md").read_text()
+    assert "| tinyshakespeare | adamw | tiny |" in table and "| tinyshakespeare | galore | tiny |" in table
+    assert "step time / adamw" in table
+    assert (out / "tinyshakespeare--compare--tiny.png").read_bytes()[:4] == b"\x89PNG"
+    # The adamw arm used its own sibling config (tiny_adamw.yaml: lr 1e-3), the galore arm tiny_galore.yaml (1e-2).
+    lrs = {m: json.loads((out / f"tinyshakespeare--{m}--tiny.json").read_text())["run_info"]["config"]["lr"]
+           for m in ("adamw", "galore")}
+    assert lrs == {"adamw": 1e-3, "galore": 1e-2}
+
+
+def test_card_and_env(compared, tmp_path, capsys):
+    results = compared[1] / "tinyshakespeare--galore--tiny.json"
+    capsys.readouterr()
+    assert cli.main(["card", str(results), "--repo-id", "me/tiny-galore"]) == 0
+    out = capsys.readouterr().out
+    assert "model-index:" in out and "name: me/tiny-galore" in out and "perplexity" in out
+    assert cli.main(["card", str(results), "--output", str(tmp_path / "README.md")]) == 0
+    assert (tmp_path / "README.md").read_text().startswith("---\n")
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "galore" in out and "torch_threads" in out
