@@ -261,3 +261,33 @@ def test_plain_group_holds_everything_not_targeted():
     model.model.embed_tokens.weight.requires_grad_(False)
     frozen = create_optimizer(model, "galore", rank=4)
     assert all(p is not model.model.embed_tokens.weight for g in frozen.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+@pytest.mark.parametrize("rank", [3, 8])  # 8 >= min(shape): full-rank subspace, square low-rank moments
+def test_proj_types_on_square_tall_and_wide_matrices(proj_type, rank):
+    """galore-torch breaks on square `reverse_std`; here every side rule works, also with rank >= the side's dim."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(shape)) for shape in ((8, 8), (12, 8), (8, 12))]
+    optimizer = ProjectedOptimizer([{"params": weights, "rank": rank, "proj_type": proj_type, "scale": 1.0}], lr=0.1)
+    targets = [torch.randn(w.shape) for w in weights]
+    start = sum(((w - t) ** 2).sum().item() for w, t in zip(weights, targets))
+    for _ in range(5):
+        for w, t in zip(weights, targets):
+            w.grad = 2 * (w.detach() - t)
+        optimizer.step()
+    assert sum(((w - t) ** 2).sum().item() for w, t in zip(weights, targets)) < start
+    for w in weights:  # rank is clamped to the projected side; moments have the low-rank shape of that side
+        projector = optimizer._projectors[w]
+        assert projector.rank == min(rank, projector.dim)
+        low_shape = (projector.rank, w.shape[1]) if projector.side == "left" else (w.shape[0], projector.rank)
+        assert optimizer.state[w]["exp_avg"].shape == low_shape
+
+
+def test_bf16_model_trains_with_bf16_state():
+    model = make_tiny_llama().to(torch.bfloat16)
+    optimizer = create_optimizer(model, "galore", rank=8, update_proj_gap=2, lr=1e-2)
+    losses = train(model, optimizer, batches(1) * 5)
+    assert losses[-1] < losses[0]
+    states, _ = projected_states(optimizer)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in states)

@@ -29,6 +29,10 @@ class InnerOptimizer:
     def update(self, states: list[dict], grads: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def apply(self, params: list[torch.Tensor], states: list[dict], grads: list[torch.Tensor], group: dict) -> None:
+        """Update full-size (plain) parameters in place; subclasses may fuse this (no step tensors)."""
+        torch._foreach_sub_(params, self.update(states, grads, group))
+
     def moments(self, state: dict, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``(first, second)`` moments, for the ``rotate`` policy."""
         raise NotImplementedError
@@ -58,19 +62,27 @@ class AdamW(InnerOptimizer):
             sizes.append(group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
         return sizes
 
-    def update(self, states, grads, group):
+    def _advance(self, states, grads, group):
+        """Update the moments; return ``(exp_avgs, sqrt(v) + eps, step sizes)``."""
         beta1, beta2 = group["betas"]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]  # e.g. after a load
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denoms, group["eps"])
-        steps = torch._foreach_div(exp_avgs, denoms)
-        torch._foreach_mul_(steps, self._step_sizes(states, group))
-        return steps
+        return exp_avgs, denoms, self._step_sizes(states, group)
+
+    def update(self, states, grads, group):
+        exp_avgs, denoms, step_sizes = self._advance(states, grads, group)
+        torch._foreach_div_(denoms, step_sizes)
+        return torch._foreach_div(exp_avgs, denoms)
+
+    def apply(self, params, states, grads, group):
+        exp_avgs, denoms, step_sizes = self._advance(states, grads, group)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s for s in step_sizes])
 
     def moments(self, state, group):
         return state["exp_avg"], state["exp_avg_sq"]
@@ -126,6 +138,8 @@ class AdamW8bit(AdamW):
         )
         state[key], state[key + "_absmax"] = codes, quant_state.absmax
 
+    apply = InnerOptimizer.apply  # 8-bit moments are not foreach-able: no fused path
+
     def update(self, states, grads, group):
         quantized = [i for i, s in enumerate(states) if "exp_avg_absmax" in s]
         if not quantized:
@@ -140,7 +154,7 @@ class AdamW8bit(AdamW):
         for i, step_size in zip(quantized, sizes):
             state, grad = states[i], grads[i].float()
             exp_avg, exp_avg_sq = self.moments(state, group)
-            exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+            exp_avg.lerp_(grad, 1.0 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
             steps[i] = (exp_avg / exp_avg_sq.sqrt().add_(group["eps"])).mul_(step_size).to(grads[i].dtype)
             self.set_moments(state, exp_avg, exp_avg_sq, group)

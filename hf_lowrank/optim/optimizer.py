@@ -13,7 +13,6 @@ Everything in ``optimizer.state`` is tensors and plain numbers: projector object
 their tensor state is mirrored in ``state[p]["projector"]``; ``load_state_dict`` rebuilds them lazily.
 """
 import inspect
-import math
 import warnings
 
 import torch
@@ -115,7 +114,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: AdamW hyper-parameters (``eps`` defaults to the paper's 1e-8;
             galore-torch's default is 1e-6). Weight decay is decoupled and applied after the update.
         inner: inner optimizer ('adamw', 'adamw8bit', 'adafactor'); may differ per group.
-        nonfinite: what to do with a NaN/Inf gradient: 'skip' that parameter's step and warn once, or 'raise'.
+        nonfinite: what to do with a NaN/Inf gradient (detected by its 2-norm, so an overflowing norm counts):
+            'skip' that parameter's step and warn once, or 'raise'.
         **inner_options: inner-specific defaults (``min_8bit_size``, ``block_size``, ``beta1``, ``decay_rate``,
             ``clip_threshold``, ``adafactor_eps``).
     """
@@ -170,9 +170,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if "rank" in group:
             projectors = [self._projector(p, group) for p in params]
             lows = [self._project(p, g, s, pr, group) for p, g, s, pr in zip(params, grads, states, projectors)]
-            steps = inner.update(states, lows, group)
-            updates = [pr.project_back(u) for pr, u in zip(projectors, steps)]
-            torch._foreach_add_(params, updates, alpha=-group["scale"])
+            for p, projector, step in zip(params, projectors, inner.update(states, lows, group)):
+                _add_projected_back(p, projector, step, alpha=-group["scale"])
             if group["residual"] != "none":
                 self._apply_residual(params, grads, lows, projectors, group)
         else:
@@ -181,7 +180,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     state["step"] = 0
                     inner.init_state(state, p.shape, p, group)
                 state["step"] += 1
-            torch._foreach_sub_(params, inner.update(states, grads, group))
+            inner.apply(params, states, grads, group)
         if group["weight_decay"] > 0:
             torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
@@ -273,7 +272,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def _finite_only(self, params, group):
         if params[0].device.type == "meta":
             return params
-        norms = torch._foreach_norm([p.grad for p in params], math.inf)
+        norms = torch._foreach_norm([p.grad for p in params])  # 2-norm: one cheap pass (inf-norm is ~7x slower)
         bad = (~torch.isfinite(torch.stack(norms))).nonzero().flatten().tolist()
         if not bad:
             return params
@@ -331,6 +330,15 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             p = by_id[pid]
             self.state[p] = _to_device(saved, p.device)
         self._projectors.clear()
+
+
+def _add_projected_back(p: torch.Tensor, projector, low: torch.Tensor, alpha: float) -> None:
+    """``p += alpha * projector.project_back(low)`` as one ``addmm_``: no full-size temporary per parameter."""
+    basis = projector.basis().to(p.dtype)
+    if projector.side == "left":
+        p.addmm_(basis, low.to(p.dtype), alpha=alpha)
+    else:
+        p.addmm_(low.to(p.dtype), basis.T, alpha=alpha)
 
 
 def state_shape(state: dict) -> torch.Size:
