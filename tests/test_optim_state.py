@@ -138,3 +138,26 @@ def test_init_state_on_meta_matches_real_state(mode):
     assert optimizer_state_bytes(meta_opt) == optimizer_state_bytes(real_opt)
     assert all(t.device.type == "meta" for s in meta_opt.state.values() for t in s.values()
                if isinstance(t, torch.Tensor))
+
+
+def test_trainer_builds_it_from_optimizer_cls_and_kwargs(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_lowrank.optim import ProjectedOptimizer, optimizer_cls_and_kwargs
+
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+                             logging_steps=1, disable_tqdm=True)
+    cls_and_kwargs = optimizer_cls_and_kwargs(model, "galore", rank=4, update_proj_gap=2, lr=1e-2)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizer_cls_and_kwargs=cls_and_kwargs)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, ProjectedOptimizer)  # accelerate wraps it
+    assert next(g for g in trainer.optimizer.param_groups if "rank" in g)["rank"] == 4
+    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
