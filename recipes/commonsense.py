@@ -3,9 +3,10 @@
     accelerate launch recipes/commonsense.py --config recipes/configs/commonsense/smollm2_galore.yaml max_steps=100
     hf-lowrank train recipes/configs/commonsense/smollm2_galore.yaml eval_mode=generate
 
-Records are LLM-Adapters JSON: {"instruction", "input", "output": "the correct answer is <label>", "answer": "<label>"};
-the instruction lists the options and ends in "Answer format: label1/label2/...". Prompts use the Alpaca template
-LLM-Adapters trains with (without the 16-space indentation its source accidentally carries). ``eval_mode``:
+Records are LLM-Adapters JSON: {"instruction", "input", "output": "the correct answer is <label>",
+"answer": "<label>"}; the instruction lists the options and ends in "Answer format: label1/label2/...". Prompts use
+the Alpaca template LLM-Adapters trains with (without the 16-space indentation its source accidentally carries).
+``eval_mode``:
 
 * ``loglik`` (default): score "the correct answer is <label>" for every label of the answer format, pick the most
   likely: the label-generation protocol without decoding errors, one forward pass per example;

@@ -31,6 +31,7 @@ import scoring  # noqa: E402
 
 SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "mmlu"
 LETTERS = ("A", "B", "C", "D")
+CHOICE_COLUMNS = ("choice0", "choice1", "choice2", "choice3")
 HUB_SPLITS = {"dev": "dev", "val": "validation", "validation": "validation", "test": "test",
               "auxiliary_train": "auxiliary_train"}
 SUBJECTS = (
@@ -72,7 +73,8 @@ def format_question(item: Question, with_answer: bool) -> str:
 
 def build_prompt(item: Question, shots: list[Question] = ()) -> str:
     """The standard MMLU prompt for `item` after solved `shots` (same subject); ends in "Answer:"."""
-    return prompt_header(item.subject) + "".join(format_question(s, True) for s in shots) + format_question(item, False)
+    solved = "".join(format_question(shot, True) for shot in shots)
+    return prompt_header(item.subject) + solved + format_question(item, False)
 
 
 def fit_prompt(item: Question, shots: list[Question], tokenizer, max_length: Optional[int]) -> str:
@@ -119,12 +121,12 @@ def read_mmlu_csv(path: Path) -> list[Question]:
         where = f"{path}:{line}"
         if has_header:
             record = dict(zip(header, row))
-            missing = [k for k in ("question", "choice0", "choice1", "choice2", "choice3", "answer") if k not in record]
+            missing = [k for k in ("question", *CHOICE_COLUMNS, "answer") if k not in record]
             if missing:
                 raise ValueError(f"{where}: missing columns {missing}; expected "
                                  "[subject,]question,choice0,choice1,choice2,choice3,answer.")
             subject = record.get("subject") or file_subject
-            choices = tuple(record[f"choice{i}"] for i in range(4))
+            choices = tuple(record[c] for c in CHOICE_COLUMNS)
             question, answer = record["question"], record["answer"]
         else:
             if len(row) != 6:
@@ -184,7 +186,7 @@ def evaluate(model, tokenizer, questions: list[Question], shots_by_subject: dict
     """Macro/micro accuracy and per-subject accuracy of next-token letter scoring."""
     if not questions:
         raise ValueError("No MMLU questions to evaluate (check `subjects` and the eval split).")
-    max_length = max_length or scoring._model_max_length(model)
+    max_length = max_length or scoring.model_max_length(model)
     prompts = [fit_prompt(q, shots_by_subject.get(q.subject, [])[:num_fewshot], tokenizer, max_length)
                for q in questions]
     scores = scoring.score_continuations(
@@ -221,7 +223,9 @@ class MMLUConfig(common.RecipeConfig):
         default="val", metadata={"help": "Fine-tuning split: 'val' (shipped pre-release pool) or auxiliary_train."}
     )
     eval_split: str = field(default="test", metadata={"help": "Split to evaluate."})
-    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on prompt tokens (not only the answer)."})
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Also train on prompt tokens (not only the answer)."}
+    )
     max_eval_length: Optional[int] = field(
         default=None, metadata={"help": "Token budget of a k-shot prompt (default: the model's context length)."}
     )
@@ -237,7 +241,9 @@ class MMLUConfig(common.RecipeConfig):
         if self.num_fewshot < 0:
             raise ValueError(f"`num_fewshot` must be >= 0, got {self.num_fewshot}.")
         if self.train_split == self.eval_split and self.do_train:
-            raise ValueError(f"`train_split` and `eval_split` are both {self.eval_split!r}: fine-tune on another split.")
+            raise ValueError(
+                f"`train_split` and `eval_split` are both {self.eval_split!r}: fine-tune on another split."
+            )
         super().__post_init__()
 
     @property

@@ -37,7 +37,7 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def _model_max_length(model) -> Optional[int]:
+def model_max_length(model) -> Optional[int]:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
@@ -61,7 +61,7 @@ def score_continuations(
         raise ValueError(f"got {len(contexts)} contexts but {len(candidates)} candidate lists.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    max_length = max_length or _model_max_length(model)
+    max_length = max_length or model_max_length(model)
     rows: list[_Row] = []
     # lookups[i][j] = (row index, position of the first candidate token in that row, candidate token ids)
     lookups: list[list[tuple[int, int, list[int]]]] = []

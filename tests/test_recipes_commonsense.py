@@ -33,7 +33,8 @@ def test_alpaca_prompt_is_the_llm_adapters_template():
 
 
 def test_shipped_files_and_option_parsing():
-    expected_options = {"boolq": {0}, "piqa": {2}, "social_i_qa": {3}, "ARC-Easy": {3, 4, 5}, "ARC-Challenge": {3, 4, 5}}
+    expected_options = {"boolq": {0}, "piqa": {2}, "social_i_qa": {3}, "ARC-Easy": {3, 4, 5},
+                        "ARC-Challenge": {3, 4, 5}}
     for task in cs.SHIPPED_TASKS:
         records = cs.read_records(cs.SHIPPED_DATA / task / "test.json")
         assert len(records) == 300
