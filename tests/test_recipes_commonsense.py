@@ -78,6 +78,18 @@ def test_generate_mode_extracts_labels(tokenizer, monkeypatch):
     assert predictions == ["solution2", ""]
 
 
+def test_generation_on_a_real_model_returns_labels_or_nothing(tmp_path):
+    model, tokenizer = cs.models.load_causal_lm(str(save_tiny_causal_lm(tmp_path)))
+    records = [PIQA_LIKE, {**PIQA_LIKE, "instruction": PIQA_LIKE["instruction"].replace("the sky", "it")}]
+    texts = cs.scoring.generate_answers(model, tokenizer, [cs.alpaca_prompt(r["instruction"]) for r in records],
+                                        max_new_tokens=4, batch_size=2)
+    one_by_one = cs.scoring.generate_answers(model, tokenizer, [cs.alpaca_prompt(r["instruction"]) for r in records],
+                                             max_new_tokens=4, batch_size=1)
+    assert texts == one_by_one and all(texts) and tokenizer.padding_side == "right"  # left padding is exact
+    predictions = cs.predict_task(model, tokenizer, "piqa", records, "generate", max_new_tokens=4)
+    assert all(p in ("", "solution1", "solution2") for p in predictions)
+
+
 def test_bad_config_is_refused_early(tmp_path):
     with pytest.raises(ValueError, match="Unknown or empty `tasks`.*Valid tasks"):
         cs.CommonsenseConfig(tasks=["sciq2"])

@@ -138,3 +138,13 @@ def test_end_to_end_finetune_and_eval_writes_results(tmp_path):
     assert record["train_info"]["metrics"]["accuracy_macro"] == pytest.approx(metrics["accuracy_macro"])
     assert 0.0 <= metrics["accuracy_micro"] <= 1.0
     assert record["train_info"]["optimizer_state_bytes"] > 0
+
+
+def test_offline_alias_resolves_to_the_converted_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path))
+    converted = tmp_path / "smollm2-135m-instruct"
+    converted.mkdir()
+    (converted / "config.json").write_text("{}")
+    assert models.resolve_model_path("SmolLM2-135M") == str(converted)
+    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (models.smollm2_gguf_dir() / models.SMOLLM2_GGUF_FILE).is_file()
