@@ -57,9 +57,9 @@ class ContinualConfig:
         metadata={"help": "Multiplier of the kept gradient component inside positively correlated old subspaces."},
     )
     step_guard: bool = field(
-        default=True,
-        metadata={"help": "CUBER: drop the in-subspace component of a step whose first-order effect on a "
-                  "positively correlated old task would be harmful (<g_S, g_j> < 0)."},
+        default=False,
+        metadata={"help": "CUBER: also test every step, dropping the in-subspace component of a step whose "
+                  "first-order effect on a positively correlated old task would be harmful (<g_S, g_j> < 0)."},
     )
     recheck_every_epoch: bool = field(
         default=True,
