@@ -76,15 +76,15 @@ def galore_torch_param_groups(model, rank: int, update_proj_gap: int, scale: flo
              "proj_type": proj_type}]
 
 
-def interleaved_times(fns: dict[str, Callable[[], dict | None]], repeats: int,
-                      warmup: int = 1) -> dict[str, list[dict[str, float]]]:
+def interleaved_times(fns: dict[str, Callable[[], dict | None]], repeats: int, warmup: int = 1,
+                      progress: str | None = None) -> dict[str, list[dict[str, float]]]:
     """Run every function once per round, round-robin, ``warmup + repeats`` rounds; return the timed rounds.
 
     Each timed round of a function gives a record ``{"total": seconds, **parts}``, where ``parts`` is what the
     function returned (e.g. its own split into forward/backward and optimizer step). Interleaving spreads
     machine noise (other processes on the shared cores) over all candidates alike, so ratios of medians are
     meaningful even when absolute times are not. The rotation's starting point shifts every round so that no
-    candidate always runs first.
+    candidate always runs first. ``progress``: a label to print after each round.
     """
     names = list(fns)
     records: dict[str, list[dict[str, float]]] = {name: [] for name in names}
@@ -96,6 +96,8 @@ def interleaved_times(fns: dict[str, Callable[[], dict | None]], repeats: int,
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 records[name].append({"total": elapsed, **parts})
+        if progress:
+            print(f"{progress}: round {round_index + 1}/{warmup + repeats}", flush=True)
     return records
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python benchmarks/optimizer_memory.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import matplotlib  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
@@ -251,9 +252,10 @@ def main(argv=None):
     fig, axes = new_figure(1, width=9.0, height=4.5)
     ax = axes[0, 0]
     width = 0.8 / len(names)
+    colors = matplotlib.colormaps["tab20"]
     for i, name in enumerate(names):
         values = [results[s]["modes"][name]["total"] / 1e9 for s in sizes]
-        ax.bar([x + i * width for x in range(len(sizes))], values, width, label=name)
+        ax.bar([x + i * width for x in range(len(sizes))], values, width, label=name, color=colors(i % 20))
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(sizes))], [f"LLaMA {s}" for s in sizes])
     ax.set_yscale("log")
     ax.set_ylabel(f"optimizer state, GB ({args.dtype} parameters)")

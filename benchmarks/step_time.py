@@ -112,7 +112,7 @@ def time_train_steps(args):
     for name, factory in make_candidates(args).items():
         model = copy.deepcopy(base)
         steps[name] = train_step_fn(model, factory(model), batch)
-    records = interleaved_times(steps, repeats=args.rounds, warmup=args.warmup)
+    records = interleaved_times(steps, repeats=args.rounds, warmup=args.warmup, progress="train steps")
     # The optimizer-step counter equals the round index (warmup rounds included); refreshes at multiples of gap.
     refresh_round = [(args.warmup + i) % args.gap_run == 0 for i in range(args.rounds)]
     summary = {}
@@ -152,7 +152,7 @@ def time_projector_refresh(args):
         reference.project(grad, 0)  # step 0 of a projector always refreshes
 
     fns["galore-torch (svd)"] = galore_torch_refresh
-    times = interleaved_times(fns, repeats=args.refresh_repeats, warmup=0)
+    times = interleaved_times(fns, repeats=args.refresh_repeats, warmup=0, progress="projector refresh")
     state_bytes = {name: p.state_bytes() for name, p in projectors.items()}
     return {name: median([r["total"] for r in rounds]) for name, rounds in times.items()}, state_bytes
 
