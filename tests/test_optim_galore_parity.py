@@ -44,7 +44,7 @@ def run_side_by_side(optimizer_classes, weight_decay, steps=STEPS):
 
 def max_relative_difference(a, b):
     worst = 0.0
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters()):
         worst = max(worst, ((p - q).norm() / q.norm()).item())
     return worst
 

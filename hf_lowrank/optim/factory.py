@@ -36,7 +36,9 @@ def optimizer_cls_and_kwargs(
     ``moment_policy``, ``residual``) and set any option: ``density``, ``residual_lr_scale`` (FRUGAL's
     ``inactive_lr_scale`` is accepted as its name there), ``nonfinite``, inner options (``min_8bit_size``,
     ``block_size``, ``beta1``, ``decay_rate``, ``clip_threshold``, ``adafactor_eps``) and projector options
-    (e.g. ``sign_convention``, ``seed``, ``oversample``, ``niter``, ``norm``, ``quant_bits``).
+    (e.g. ``sign_convention``, ``seed``, ``oversample``, ``niter``, ``norm``, ``quant_bits``). Modes without a
+    projector (``adamw``, ``adamw_8bit``) ignore ``rank``/``update_proj_gap``/``scale``/``density``, so one call
+    can loop over every mode.
     """
     spec = get_mode(mode)
     if "inactive_lr_scale" in mode_options:
