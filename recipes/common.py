@@ -364,8 +364,7 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
     if cfg.mode == LORA_MODE:
         model = apply_lora(model, cfg, task_type)
         return model, create_optimizer(model, "adamw", **common)
-    if cfg.mode == "adamw":
-        return model, create_optimizer(model, "adamw", layerwise=cfg.layerwise, **common)
+    # Modes without a projector (adamw, adamw_8bit) ignore the low-rank keywords, so one call serves every mode.
     optimizer = create_optimizer(
         model,
         cfg.mode,
