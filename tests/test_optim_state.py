@@ -13,9 +13,9 @@ from tests.test_optim_modes import batches, mode_kwargs, train
 GAP = 3
 
 
-def make(mode, model=None):
+def make(mode, model=None, **options):
     model = model or make_tiny_llama()
-    kwargs = {**mode_kwargs(mode), "update_proj_gap": GAP}
+    kwargs = {**mode_kwargs(mode), "update_proj_gap": GAP, **options}
     return model, create_optimizer(model, mode, **kwargs)
 
 
@@ -38,20 +38,28 @@ def assert_plain_data(value, where="state"):
         assert value is None or isinstance(value, (torch.Tensor, int, float, str, bool)), f"{where}: {type(value)}"
 
 
+OPTION_VARIANTS = [
+    ("galore", {"moment_policy": "rotate", "sign_convention": "align"}),
+    ("galore", {"quant_bits": 4, "quant_group_size": 64}),  # INT4-stored projector (Q-GaLore)
+    ("galore_dct", {"moment_policy": "rotate"}),
+    ("frugal", {"residual": "sgd", "projector": "randomized"}),
+]
+
+
 @pytest.mark.parametrize("stop", [GAP, GAP + 1])  # right before a refresh, and mid-period
-@pytest.mark.parametrize("mode", available_modes())
-def test_resume_reproduces_uninterrupted_run(mode, stop):
+@pytest.mark.parametrize("mode, options", [(m, {}) for m in available_modes()] + OPTION_VARIANTS)
+def test_resume_reproduces_uninterrupted_run(mode, options, stop):
     data = batches(2 * GAP + 1, seed=1)
-    model, optimizer = make(mode)
+    model, optimizer = make(mode, **options)
     train(model, optimizer, data)
 
-    first, first_opt = make(mode)
+    first, first_opt = make(mode, **options)
     train(first, first_opt, data[:stop])
     saved_model, saved_opt = roundtrip(first.state_dict()), roundtrip(first_opt.state_dict())
     assert_plain_data(saved_opt)
     resumed = make_tiny_llama(seed=123)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(saved_model)
-    _, resumed_opt = make(mode, resumed)
+    _, resumed_opt = make(mode, resumed, **options)
     resumed_opt.load_state_dict(saved_opt)
     train(resumed, resumed_opt, data[stop:])
     for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
