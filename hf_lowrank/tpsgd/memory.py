@@ -6,7 +6,7 @@ model's parameters are left out, so the figure is the saved-activation memory of
 """
 import contextlib
 from collections import defaultdict
-from typing import Dict, Hashable, Iterable
+from typing import Callable, Dict, Hashable, Iterable
 
 import torch
 
@@ -25,8 +25,9 @@ class _Saved:
 class SavedTensorTracker:
     """Live and peak saved-activation bytes, overall and per label (e.g. per layer)."""
 
-    def __init__(self, parameters: Iterable[torch.Tensor] = ()):
-        self._excluded = {p.untyped_storage().data_ptr() for p in parameters}
+    def __init__(self, parameters: Callable[[], Iterable[torch.Tensor]] = tuple):
+        self._parameters = parameters  # called on every `track`, so moving the model to a device is fine
+        self._excluded = set()
         self._refs: Dict[int, int] = {}
         self._bytes: Dict[int, int] = {}
         self._label_bytes: Dict[Hashable, int] = defaultdict(int)
@@ -68,6 +69,7 @@ class SavedTensorTracker:
     @contextlib.contextmanager
     def track(self, label: Hashable = "all"):
         """Count what graphs built inside this block save, under `label`."""
+        self._excluded = {p.untyped_storage().data_ptr() for p in self._parameters()}
         with torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t, label), lambda saved: saved.tensor):
             yield self
 

@@ -50,7 +50,7 @@ class TpSGDModel(nn.Module):
         num_hidden = len(self.plan.hidden)
         self.layer_losses = [cfg.loss_of_layer(i, num_hidden) for i in range(num_hidden)]
         self._projections: Dict[Tuple[int, int], torch.Tensor] = {}
-        self.memory = SavedTensorTracker(self.network.parameters())
+        self.memory = SavedTensorTracker(self.network.parameters)
 
     @property
     def num_layers(self) -> int:
