@@ -14,6 +14,7 @@ from hf_lowrank.cuber import (
     ContinualTrainer,
     LayerProjection,
     RepresentationRecorder,
+    ScaledWeightProjection,
     average_accuracy,
     backward_transfer,
     basis_from_covariance,
@@ -21,7 +22,7 @@ from hf_lowrank.cuber import (
     energy_rank,
     extend_basis,
 )
-from hf_lowrank.cuber.memory import LayerMemory
+from hf_lowrank.cuber.memory import LayerMemory, weight_matrix
 from hf_lowrank.cuber.projection import REGIME_POSITIVE, REGIME_STRONG, REGIME_WEAK
 
 
@@ -346,3 +347,57 @@ def test_trainer_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         ContinualTrainer(model=TinyNet(), args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
                          optimizers=(opt, None))
+
+
+# ----------------------------------------------------------------------------- TRGP forward transfer
+def test_scaled_weight_projection_matches_effective_weight():
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(6, 4)
+    for name, module, x in [("conv", conv, torch.randn(2, 2, 5, 5)), ("lin", lin, torch.randn(5, 6))]:
+        d = weight_matrix(module.weight).shape[1]
+        basis = torch.linalg.qr(torch.randn(d, 3))[0]
+        scale = torch.randn(3, 3)
+        projection = ScaledWeightProjection({name: {0: (basis, scale)}})
+        w = weight_matrix(module.weight)
+        effective = (w - w @ basis @ basis.T + w @ basis @ scale @ basis.T).reshape(module.weight.shape)
+        expected = (nn.functional.conv2d(x, effective, module.bias, padding=1) if name == "conv"
+                    else nn.functional.linear(x, effective, module.bias))
+        handles = projection.attach({name: module})
+        torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=0)
+        for h in handles:
+            h.remove()
+        identity = ScaledWeightProjection({name: {0: (basis, torch.eye(3))}})
+        assert identity.weight_delta(name, module.weight).abs().max() < 1e-6
+
+
+def test_forward_transfer_trains_scales_keeps_old_task_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    # epsilon_1 tiny: every old task is strong; epsilon_2 = 1: never positive, so this is pure TRGP (no backward update)
+    config = dict(strategy="cuber", energy_threshold=1.0, epsilon_1=0.01, epsilon_2=1.0, forward_transfer=True,
+                  representation_samples=64, save_state=True)
+    trainer = make_trainer(tmp_path, model, **config)
+    old, new = low_rank_task(0), low_rank_task(1)
+    trainer.train_task("old", old, old)
+    with torch.no_grad():
+        before = model(old.x)["logits"].clone()
+    trainer.train_task("new", new, new)
+    with torch.no_grad():
+        assert (model(old.x)["logits"] - before).abs().max() < 1e-4  # old task evaluated without the new scales
+    scales = trainer.memory.layers["lin1"].task_scales
+    assert scales[0] == {} and set(scales[1]) == {0}
+    q = scales[1][0]
+    assert q.shape == (trainer.memory.layers["lin1"].task_bases[0].shape[1],) * 2
+    assert (q - torch.eye(q.shape[0])).abs().max() > 1e-4  # the scale was trained
+    assert trainer.memory_bytes()["lin1"]["task_scales"] == q.numel() * 4
+    # R[1, 1] is the new task's accuracy with its own scales applied
+    stored = ScaledWeightProjection.from_memory(trainer.memory.layers, 1)
+    handles = stored.attach(trainer.target_layers)
+    with torch.no_grad():
+        accuracy = float((model(new.x)["logits"].argmax(1) == new.y).float().mean())
+    for h in handles:
+        h.remove()
+    assert trainer.accuracy.values[1, 1] == pytest.approx(accuracy)
+    resumed = make_trainer(tmp_path / "resumed", TinyNet(), **config)
+    resumed.load_continual_checkpoint(str(tmp_path / "task-1"))
+    torch.testing.assert_close(resumed.memory.layers["lin1"].task_scales[1][0], q)

@@ -2,7 +2,7 @@
 from .config import ContinualConfig
 from .memory import RepresentationRecorder, SubspaceMemory, basis_from_covariance, energy_rank, extend_basis
 from .metrics import AccuracyMatrix, average_accuracy, backward_transfer
-from .projection import Correlation, GradientProjection, LayerProjection, correlation_test
+from .projection import Correlation, GradientProjection, LayerProjection, ScaledWeightProjection, correlation_test
 from .trainer import ContinualTrainer
 
 
@@ -14,6 +14,7 @@ __all__ = [
     "GradientProjection",
     "LayerProjection",
     "RepresentationRecorder",
+    "ScaledWeightProjection",
     "SubspaceMemory",
     "average_accuracy",
     "backward_transfer",

@@ -65,6 +65,15 @@ class ContinualConfig:
         default=True,
         metadata={"help": "CUBER: repeat the layer-wise correlation test at the start of every epoch."},
     )
+    forward_transfer: bool = field(
+        default=False,
+        metadata={"help": "CUBER: also apply TRGP's scaled weight projection (a learnable r_j x r_j scale on the "
+                  "frozen part W B_j of the trust-region old tasks, stored with the new task)."},
+    )
+    trust_region_size: int = field(
+        default=2,
+        metadata={"help": "Forward transfer: at most this many strongly related old tasks per layer (TRGP: 2)."},
+    )
     head: str = field(
         default="shared",
         metadata={"help": "'shared' (one output layer for all tasks, projected like any layer) or 'multi' "
@@ -121,6 +130,10 @@ class ContinualConfig:
         _check_unit_interval("epsilon_2", self.epsilon_2, allow_zero=True)
         if not isinstance(self.backward_scale, (int, float)) or self.backward_scale < 0:
             raise ValueError(f"`backward_scale` must be a non-negative number, got {self.backward_scale!r}.")
+        if self.forward_transfer and self.strategy != "cuber":
+            raise ValueError("`forward_transfer=True` needs `strategy='cuber'` (it uses the per-task bases).")
+        if not isinstance(self.trust_region_size, int) or self.trust_region_size < 1:
+            raise ValueError(f"`trust_region_size` must be a positive int, got {self.trust_region_size!r}.")
         if not isinstance(self.representation_samples, int) or self.representation_samples < 1:
             raise ValueError(f"`representation_samples` must be a positive int, got {self.representation_samples!r}.")
 

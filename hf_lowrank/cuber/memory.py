@@ -145,17 +145,23 @@ class LayerMemory:
     union: torch.Tensor
     task_bases: list = field(default_factory=list)
     task_grads: list = field(default_factory=list)
+    task_scales: list = field(default_factory=list)  # per task: {old task j: TRGP scale Q_j} (forward transfer)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         state = {"union": self.union}
         for j, (basis, grad) in enumerate(zip(self.task_bases, self.task_grads)):
             state[f"task{j}.basis"] = basis
             state[f"task{j}.grad"] = grad
+        for t, scales in enumerate(self.task_scales):
+            for j, scale in scales.items():
+                state[f"task{t}.scale{j}"] = scale
         return state
 
     def nbytes(self) -> dict[str, int]:
         size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        return {"union": size([self.union]), "task_bases": size(self.task_bases), "task_grads": size(self.task_grads)}
+        scales = [q for per_task in self.task_scales for q in per_task.values()]
+        return {"union": size([self.union]), "task_bases": size(self.task_bases), "task_grads": size(self.task_grads),
+                "task_scales": size(scales)}
 
 
 class SubspaceMemory:
@@ -167,8 +173,9 @@ class SubspaceMemory:
         self.num_tasks = 0
 
     def add_task(self, covariances: dict[str, torch.Tensor], thresholds: dict[str, float],
-                 grads: dict[str, torch.Tensor] | None = None) -> None:
-        """Fold one finished task in: extend each union basis; with task statistics, keep ``B_j`` and ``g_j B_j``."""
+                 grads: dict[str, torch.Tensor] | None = None, scales: dict[str, dict] | None = None) -> None:
+        """Fold one finished task in: extend each union basis; with task statistics, keep ``B_j``, ``g_j B_j`` and
+        the task's TRGP scales ``{old task: Q}`` (if it used forward transfer)."""
         missing = set(self.layers) - set(covariances)
         if missing:
             raise RuntimeError(f"No representation was recorded for layers {sorted(missing)}: were they used in forward?")
@@ -179,6 +186,7 @@ class SubspaceMemory:
                 basis = basis_from_covariance(cov, thresholds[name])
                 layer.task_bases.append(basis)
                 layer.task_grads.append(weight_matrix(grads[name]).float() @ basis)
+                layer.task_scales.append(dict((scales or {}).get(name, {})))
         self.num_tasks += 1
 
     def nbytes(self) -> dict[str, dict[str, int]]:
@@ -207,3 +215,7 @@ class SubspaceMemory:
             count = self.num_tasks if self.keep_task_statistics else 0
             layer.task_bases = [state[f"{name}/task{j}.basis"].float() for j in range(count)]
             layer.task_grads = [state[f"{name}/task{j}.grad"].float() for j in range(count)]
+            layer.task_scales = [
+                {j: state[f"{name}/task{t}.scale{j}"].float() for j in range(t) if f"{name}/task{t}.scale{j}" in state}
+                for t in range(count)
+            ]

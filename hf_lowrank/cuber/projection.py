@@ -147,3 +147,71 @@ class GradientProjection:
     def attach(self, optimizer: torch.optim.Optimizer) -> list:
         """Register on ``optimizer``; returns the hook handles (``.remove()`` them to detach)."""
         return [optimizer.register_step_pre_hook(self._pre_step), optimizer.register_step_post_hook(self._post_step)]
+
+
+class ScaledWeightProjection:
+    """TRGP's scaled weight projection (Lin et al., ICLR 2022), CUBER's forward-transfer part.
+
+    For the old tasks ``j`` in a layer's trust region, the layer computes with
+    ``W_eff = W + Σ_j W B_j (Q_j − I) B_jᵀ``: the frozen part ``W B_j`` of old task ``j`` is reused through a small
+    learnable ``r_j x r_j`` scale ``Q_j`` (initialised to ``I``, so training starts from ``W``). ``W`` itself stays
+    GPM-projected. The scales belong to the new task: they are stored with it and re-applied whenever that task is
+    evaluated. Implemented as a forward hook adding ``x ΔWᵀ`` (Linear) or ``conv(x, ΔW)`` (Conv2d) to the output.
+    """
+
+    def __init__(self, scales: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]):
+        self.scales = scales  # layer -> {old task: (basis B_j, scale Q_j)}
+
+    @classmethod
+    def identity(cls, memory_layers: dict[str, LayerMemory], trust_regions: dict[str, list[int]], device=None):
+        """Fresh trainable scales ``Q_j = I`` for each layer's trust-region tasks."""
+        scales = {}
+        for name, tasks in trust_regions.items():
+            bases = memory_layers[name].task_bases
+            scales[name] = {
+                j: (bases[j], torch.eye(bases[j].shape[1], device=device).requires_grad_(True))
+                for j in tasks if bases[j].shape[1]
+            }
+        return cls({n: s for n, s in scales.items() if s})
+
+    @classmethod
+    def from_memory(cls, memory_layers: dict[str, LayerMemory], task_index: int):
+        """The scales stored with task ``task_index`` (empty if it used none)."""
+        scales = {}
+        for name, layer in memory_layers.items():
+            stored = layer.task_scales[task_index] if task_index < len(layer.task_scales) else {}
+            if stored:
+                scales[name] = {j: (layer.task_bases[j], q) for j, q in stored.items()}
+        return cls(scales)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [q for layer in self.scales.values() for _, q in layer.values()]
+
+    def stored(self) -> dict[str, dict[int, torch.Tensor]]:
+        """``{layer: {old task: Q}}`` detached, for the memory."""
+        return {name: {j: q.detach().clone() for j, (_, q) in layer.items()} for name, layer in self.scales.items()}
+
+    def weight_delta(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        w = weight_matrix(weight)
+        delta = torch.zeros_like(w)
+        for basis, scale in self.scales[name].values():
+            basis, scale = basis.to(w), scale.to(w)
+            eye = torch.eye(scale.shape[0], device=w.device, dtype=w.dtype)
+            delta = delta + ((w @ basis) @ (scale - eye)) @ basis.T
+        return delta.reshape(weight.shape)
+
+    def attach(self, layers: dict[str, nn.Module]) -> list:
+        """Register the forward hooks on the layers that have scales; returns the handles."""
+        handles = []
+        for name in self.scales:
+            module = layers[name]
+
+            def hook(module, args, output, name=name):
+                delta = self.weight_delta(name, module.weight)
+                if isinstance(module, nn.Conv2d):
+                    return output + nn.functional.conv2d(args[0], delta, None, module.stride, module.padding,
+                                                         module.dilation)
+                return output + nn.functional.linear(args[0], delta)
+
+            handles.append(module.register_forward_hook(hook))
+        return handles

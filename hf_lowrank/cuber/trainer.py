@@ -20,7 +20,14 @@ from transformers.utils import logging
 from .config import ContinualConfig
 from .memory import RepresentationRecorder, SubspaceMemory, find_projectable_layers, weight_matrix
 from .metrics import AccuracyMatrix
-from .projection import REGIME_POSITIVE, GradientProjection, LayerProjection, correlation_test
+from .projection import (
+    REGIME_POSITIVE,
+    REGIME_WEAK,
+    GradientProjection,
+    LayerProjection,
+    ScaledWeightProjection,
+    correlation_test,
+)
 from ..utils.targets import module_matches
 
 
@@ -79,6 +86,7 @@ class ContinualTrainer(Trainer):
         self._projection: GradientProjection | None = None
         self._sample = None
         self._hook_handles = []
+        self._scaled: ScaledWeightProjection | None = None
         if config.strategy == "cuber" and config.recheck_every_epoch:
             self.add_callback(_EpochCorrelationCheck(self))
 
@@ -110,17 +118,22 @@ class ContinualTrainer(Trainer):
                 self.target_layers, {}, frozen=self._frozen_parameters(), project_update=config.project_update
             )
             self._refresh_projection()
+        scale_handles = []
+        if config.forward_transfer and index > 0:
+            self._scaled = ScaledWeightProjection.identity(self.memory.layers, self._trust_regions(), self.args.device)
+            scale_handles = self._scaled.attach(self.target_layers)
         try:
             self.train()
+            if config.strategy != "finetune":
+                covariances, grads = self._sample_statistics(record=True, need_grads=config.strategy == "cuber")
+                names = list(self.target_layers)
+                thresholds = {n: config.threshold_for(i, n, len(names), index) for i, n in enumerate(names)}
+                scales = self._scaled.stored() if self._scaled is not None else None
+                self.memory.add_task(covariances, thresholds, grads, scales)
         finally:
-            for handle in self._hook_handles:
+            for handle in self._hook_handles + scale_handles:
                 handle.remove()
-            self._hook_handles = []
-        if config.strategy != "finetune":
-            covariances, grads = self._sample_statistics(record=True, need_grads=config.strategy == "cuber")
-            names = list(self.target_layers)
-            thresholds = {n: config.threshold_for(i, n, len(names), index) for i, n in enumerate(names)}
-            self.memory.add_task(covariances, thresholds, grads)
+            self._hook_handles, self._scaled = [], None
         self._sample = None
         self._eval_sets[task_id] = eval_dataset
         row = [self._task_accuracy(j, t) for j, t in enumerate(self.accuracy.task_ids + [task_id])]
@@ -183,6 +196,8 @@ class ContinualTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         if self._projection is not None and not self._hook_handles:
             self._hook_handles = self._projection.attach(optimizer)
+        if self._scaled is not None and self._scaled.parameters():
+            optimizer.add_param_group({"params": self._scaled.parameters(), "weight_decay": 0.0})
         return optimizer
 
     def _prepare_inputs(self, inputs):
@@ -278,12 +293,27 @@ class ContinualTrainer(Trainer):
             for name in self.target_layers
         }
 
+    def _trust_regions(self) -> dict[str, list[int]]:
+        """Per layer, the ``trust_region_size`` strongly related old tasks with the largest projection ratio."""
+        latest = self.correlation_history[-1]["layers"]
+        regions = {}
+        for name, tests in latest.items():
+            strong = sorted((t for t in tests if t["regime"] != REGIME_WEAK), key=lambda t: -t["ratio"])
+            regions[name] = [t["old_task"] for t in strong[: self.continual_config.trust_region_size]]
+        return regions
+
     def _task_accuracy(self, task_index: int, task_id) -> float:
         dataset = self._eval_sets.get(task_id)
         if dataset is None:
             return float("nan")
         self._task_index = task_index
-        output = self.predict(dataset, metric_key_prefix="continual")
+        stored = ScaledWeightProjection.from_memory(self.memory.layers, task_index)
+        handles = stored.attach(self.target_layers)
+        try:
+            output = self.predict(dataset, metric_key_prefix="continual")
+        finally:
+            for handle in handles:
+                handle.remove()
         if "continual_accuracy" in output.metrics:
             return float(output.metrics["continual_accuracy"])
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
