@@ -97,7 +97,9 @@ def modules_to_save_names(model: nn.Module, modules_to_save) -> set[str]:
 
 
 class TunerModel(nn.Module):
-    """Base of a tuner wrapper: holds the surgically changed transformers ``model`` and its ``config``.
+    """Base of a tuner wrapper: holds the surgically changed transformers ``model`` and its ``tuner_config``.
+
+    Other attributes (``config``, ``generate``, ...) are looked up on the wrapped model, as in peft.
 
     Subclasses set ``method`` and implement :meth:`_apply_layout` (surgery from a saved layout, no
     data-dependent computation), :meth:`layout` (what that surgery needs, JSON-serialisable),
@@ -109,7 +111,7 @@ class TunerModel(nn.Module):
     def __init__(self, model: nn.Module, config):
         super().__init__()
         self.model = model
-        self.config = config
+        self.tuner_config = config
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -191,7 +193,7 @@ class TunerModel(nn.Module):
             "method": self.method,
             "hf_lowrank_version": __version__,
             "base_model": self._base_model_name(),
-            "config": config_to_dict(self.config),
+            "config": config_to_dict(self.tuner_config),
             "layout": self.layout(),
         }
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:

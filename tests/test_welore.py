@@ -138,6 +138,7 @@ def test_only_lrc_factors_and_modules_to_save_are_trainable():
     welore = compress(model, WeLoreConfig(rank_reduction=0.5, modules_to_save=["lm_head"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(welore.lrc_parameter_names()) | {"lm_head.weight"}
+    assert welore.config is model.config and welore.tuner_config.rank_reduction == 0.5  # peft-style delegation
     assert welore.lrc_parameter_names() and all(n.endswith((".welore_U", ".welore_V")) for n in welore.lrc_parameter_names())
 
 

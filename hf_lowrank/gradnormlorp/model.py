@@ -30,10 +30,10 @@ class GradNormLoRPModel(TunerModel):
             reparameterize(self.model.get_submodule(name))
         self.targets = list(layout["targets"])
         trainable = {f"{n}.{suffix}" for n in self.targets for suffix in (MAGNITUDE, DIRECTION)}
-        set_trainable(self.model, trainable | modules_to_save_names(self.model, self.config.modules_to_save))
+        set_trainable(self.model, trainable | modules_to_save_names(self.model, self.tuner_config.modules_to_save))
 
     def reparameterize(self) -> "GradNormLoRPModel":
-        found = find_target_linears(self.model, self.config.target_modules, parameter_name="target_modules")
+        found = find_target_linears(self.model, self.tuner_config.target_modules, parameter_name="target_modules")
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         names = [n for n, m in found if m is not head and not is_reparameterized(m)]
         if not names:
@@ -46,7 +46,7 @@ class GradNormLoRPModel(TunerModel):
 
     def tuner_state_dict(self) -> dict[str, torch.Tensor]:
         names = {f"{n}.{suffix}" for n in self.targets for suffix in (MAGNITUDE, DIRECTION)}
-        names |= modules_to_save_names(self.model, self.config.modules_to_save)
+        names |= modules_to_save_names(self.model, self.tuner_config.modules_to_save)
         return {n: p for n, p in self.model.named_parameters() if n in names}
 
     def projected_parameter_names(self) -> list[str]:
@@ -54,7 +54,7 @@ class GradNormLoRPModel(TunerModel):
 
     def optimizer_cls_and_kwargs(self, lr: float = 1e-3, **kwargs):
         """Like :meth:`TunerModel.optimizer_cls_and_kwargs`, with the config's rank/gap/scale/proj_type/projector."""
-        defaults = {key: getattr(self.config, key) for key in ("rank", "update_proj_gap", "scale", "proj_type", "projector")}
+        defaults = {key: getattr(self.tuner_config, key) for key in ("rank", "update_proj_gap", "scale", "proj_type", "projector")}
         return super().optimizer_cls_and_kwargs(lr, **{**defaults, **kwargs})
 
     def merge_and_unload(self) -> nn.Module:
@@ -67,7 +67,7 @@ class GradNormLoRPModel(TunerModel):
         return self.model
 
     def card_details(self) -> list[str]:
-        c = self.config
+        c = self.tuner_config
         return [
             f"- GradNormLoRP on {len(self.targets)} linear layers: W = m ⊙ V/‖V‖, direction gradients projected to "
             f"rank {c.rank} ({c.projector}, refresh every {c.update_proj_gap} steps, scale {c.scale})",

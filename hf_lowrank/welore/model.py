@@ -111,15 +111,15 @@ class WeLoreModel(TunerModel):
 
     # --- planning ------------------------------------------------------------------------------------
     def _targets(self) -> list[tuple[str, nn.Linear]]:
-        targets = find_target_linears(self.model, self.config.target_modules, parameter_name="target_modules")
-        if self.config.target_modules == "all-linear":
+        targets = find_target_linears(self.model, self.tuner_config.target_modules, parameter_name="target_modules")
+        if self.tuner_config.target_modules == "all-linear":
             head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
             targets = [(n, m) for n, m in targets if m is not head]
         return targets
 
     def _overrides(self, names: list[str]) -> dict[str, int]:
         overrides = {}
-        for pattern, rank in self.config.rank_pattern.items():
+        for pattern, rank in self.tuner_config.rank_pattern.items():
             matched = [n for n in names if re.fullmatch(rf"(.*\.)?(?:{pattern})", n)]
             if not matched:
                 raise ValueError(f"`rank_pattern` key {pattern!r} matches none of the targeted modules.")
@@ -128,7 +128,7 @@ class WeLoreModel(TunerModel):
 
     def plan(self) -> dict[str, LayerPlan]:
         """Decide every targeted matrix's rank (one ``svdvals`` per matrix for ``method='welore'``)."""
-        config = self.config
+        config = self.tuner_config
         svd_dtype = getattr(torch, config.svd_dtype)
         targets = self._targets()
         overrides = self._overrides([n for n, _ in targets])
@@ -160,7 +160,7 @@ class WeLoreModel(TunerModel):
     # --- surgery -------------------------------------------------------------------------------------
     def compress(self) -> "WeLoreModel":
         plans = self.plan()
-        svd_dtype = getattr(torch, self.config.svd_dtype)
+        svd_dtype = getattr(torch, self.tuner_config.svd_dtype)
         for name, plan in plans.items():
             linear = self.model.get_submodule(name)
             if plan.format == FACTORS:
@@ -171,10 +171,10 @@ class WeLoreModel(TunerModel):
                     linear.weight.copy_(up @ down)
         self._freeze()
         lrcs = sum(p.is_lrc for p in plans.values())
-        if self.config.rank_reduction is not None and self.config.method == "welore":
+        if self.tuner_config.rank_reduction is not None and self.tuner_config.method == "welore":
             achieved = self.achieved_rank_reduction
-            if abs(achieved - self.config.rank_reduction) > 0.01:
-                logger.warning(f"WeLore reached rank reduction {achieved:.3f} instead of {self.config.rank_reduction}: "
+            if abs(achieved - self.tuner_config.rank_reduction) > 0.01:
+                logger.warning(f"WeLore reached rank reduction {achieved:.3f} instead of {self.tuner_config.rank_reduction}: "
                                "too few targeted matrices for min_ratio; lower min_ratio or target more modules.")
         logger.info(f"WeLore: τ={self.threshold}, {lrcs}/{len(plans)} matrices are LRCs, "
                     f"effective rank reduction {self.achieved_rank_reduction:.3f}.")
@@ -182,7 +182,7 @@ class WeLoreModel(TunerModel):
 
     def _freeze(self) -> None:
         trainable = {n for n, _ in self.model.named_parameters() if n.endswith((".welore_U", ".welore_V"))}
-        set_trainable(self.model, trainable | modules_to_save_names(self.model, self.config.modules_to_save))
+        set_trainable(self.model, trainable | modules_to_save_names(self.model, self.tuner_config.modules_to_save))
 
     def layout(self) -> dict:
         return {
@@ -215,7 +215,7 @@ class WeLoreModel(TunerModel):
                 module = self.model.get_submodule(name)
                 state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         params = dict(self.model.named_parameters())
-        state.update({n: params[n] for n in modules_to_save_names(self.model, self.config.modules_to_save)})
+        state.update({n: params[n] for n in modules_to_save_names(self.model, self.tuner_config.modules_to_save)})
         return state
 
     def lrc_parameter_names(self) -> list[str]:
@@ -238,9 +238,9 @@ class WeLoreModel(TunerModel):
     def card_details(self) -> list[str]:
         lrcs = [n for n, p in self.plans.items() if p.is_lrc]
         return [
-            f"- WeLore ({self.config.method}): threshold τ = {self.threshold}, effective rank reduction "
+            f"- WeLore ({self.tuner_config.method}): threshold τ = {self.threshold}, effective rank reduction "
             f"{self.achieved_rank_reduction:.1%}, {len(lrcs)}/{self.num_targeted} targeted matrices are low-rank "
-            f"components (min_ratio {self.config.min_ratio})",
+            f"components (min_ratio {self.tuner_config.min_ratio})",
             "- Paper: [From GaLore to WeLore](https://arxiv.org/abs/2407.11239)",
         ]
 
