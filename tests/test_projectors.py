@@ -174,3 +174,19 @@ def test_bad_inputs_give_clear_errors():
         proj.update(torch.zeros(6, 4))
     with pytest.raises(RuntimeError, match="before update"):
         proj.basis()
+
+
+def test_dense_basis_is_stored_in_the_gradient_dtype():
+    g = _grad((24, 40), 9).bfloat16()
+    for name in ("svd", "randomized"):
+        proj = get_projector(name, g.shape, 8)
+        proj.update(g)
+        assert proj.basis().dtype == torch.bfloat16
+        assert proj.state_bytes() == 24 * 8 * 2 + (8 if name == "randomized" else 0)
+        assert proj.project(g).dtype == torch.bfloat16
+
+
+def test_random_projector_sizes_state_on_meta_without_drawing():
+    proj = get_projector("random", (4096, 11008), 1024)
+    proj.update(torch.empty(4096, 11008, device="meta"))
+    assert proj.basis().device.type == "meta" and proj.state_bytes() == 8

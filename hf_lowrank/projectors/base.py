@@ -43,6 +43,7 @@ class Projector(ABC):
         self.side = resolve_side(self.shape, proj_type)
         self.dim = self.shape[0] if self.side == "left" else self.shape[1]
         self.rank = min(rank, self.dim)
+        self.storage_dtype = torch.float32  # dense bases are kept in the gradient's dtype, as galore-torch does
 
     # --- how the basis is chosen and stored: the subclass's job -------------------------------------
     @abstractmethod
@@ -51,7 +52,7 @@ class Projector(ABC):
 
     @abstractmethod
     def basis(self) -> torch.Tensor:
-        """The current orthonormal basis ``Q`` (``dim x rank``, fp32)."""
+        """The current orthonormal basis ``Q`` (``dim x rank``), in ``storage_dtype`` for dense bases."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -70,6 +71,7 @@ class Projector(ABC):
         """Refresh the subspace from the current gradient."""
         if grad.shape != torch.Size(self.shape):
             raise ValueError(f"Projector built for shape {self.shape} got a gradient of shape {tuple(grad.shape)}.")
+        self.storage_dtype = grad.dtype if grad.dtype.is_floating_point else torch.float32
         self._fit(grad.detach().float())
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,8 @@ class Projector(ABC):
 
     def rotation_from(self, previous_basis: torch.Tensor) -> torch.Tensor:
         """``Qᵀ Q_prev`` (``r x r_prev``): re-expresses coordinates of the old subspace in the new one."""
-        return self.basis().T @ previous_basis.to(self.basis().device, self.basis().dtype)
+        current = self.basis().float()
+        return current.T @ previous_basis.to(current.device, torch.float32)
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

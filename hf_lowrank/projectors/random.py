@@ -19,6 +19,8 @@ class RandomProjector(Projector):
         self._q: torch.Tensor | None = None
 
     def _generate(self, draw: int, device) -> torch.Tensor:
+        if torch.device(device).type == "meta":  # sizing state only: no need to draw
+            return torch.empty(self.dim, self.rank, device="meta")
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + draw)
         gaussian = torch.randn(self.dim, self.rank, generator=gen, dtype=torch.float32)
         return torch.linalg.qr(gaussian).Q.to(device)

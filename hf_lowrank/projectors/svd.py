@@ -26,13 +26,13 @@ class SVDProjector(Projector):
         return u[:, : self.rank] if self.side == "left" else vh[: self.rank].T
 
     def _fit(self, grad: torch.Tensor) -> None:
-        self._q = self._fix_signs(self._singular_vectors(grad).contiguous())
+        self._q = self._fix_signs(self._singular_vectors(grad).contiguous()).to(self.storage_dtype)
 
     def _fix_signs(self, q: torch.Tensor) -> torch.Tensor:
         if self.sign_convention == "none":
             return q
         if self._q is not None and self._q.shape == q.shape:
-            ref = (q * self._q.to(q.device)).sum(0)
+            ref = (q * self._q.to(q.device, q.dtype)).sum(0)
         else:
             ref = q.gather(0, q.abs().argmax(0, keepdim=True)).squeeze(0)
         return q * torch.where(ref < 0, -1.0, 1.0).to(q.dtype)
@@ -46,4 +46,4 @@ class SVDProjector(Projector):
         return {} if self._q is None else {"basis": self._q}
 
     def load_state_dict(self, state):
-        self._q = state["basis"].float() if "basis" in state else None
+        self._q = state["basis"] if "basis" in state else None
