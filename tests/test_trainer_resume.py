@@ -130,6 +130,14 @@ def test_resume_reproduces_uninterrupted_losses(full_runs, tmp_path, mode, layer
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6, rel=0)
 
 
+def test_checkpoints_are_interchangeable_between_step_and_layerwise(full_runs, tmp_path):
+    """Same state_dict format: a run checkpointed with normal steps can continue layer-wise, exactly."""
+    output_dir, stepped = full_runs("galore", False)
+    factory = lambda model: create_optimizer(model, "galore", layerwise=True, **mode_options("galore"))  # noqa: E731
+    resumed = train(tmp_path, factory, resume=output_dir / "checkpoint-4")
+    assert losses(resumed) == pytest.approx(losses(stepped), abs=1e-6, rel=0)
+
+
 def test_resume_without_the_optimizer_state_would_differ(full_runs, tmp_path):
     """The resume test is sharp: dropping optimizer.pt changes the losses after the stop."""
     output_dir, full = full_runs("galore", True)

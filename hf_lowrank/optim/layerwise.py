@@ -6,14 +6,18 @@ updates"). Unlike transformers' built-in ``*_layerwise`` optimizers this wrapper
 
 * is ONE optimizer whose ``state_dict()`` is the inner optimizer's real state, so ``Trainer`` checkpoints
   and resumes it (transformers saves a dummy);
-* supports gradient accumulation: the step happens on the last micro-batch only;
+* supports gradient accumulation: the step happens on the last micro-batch only (correct, but the
+  accumulated gradients then live between micro-batches as without layer-wise: the memory saving is
+  full with ``gradient_accumulation_steps=1``);
 * shares the inner optimizer's ``param_groups``, so an lr scheduler built on the wrapper drives the
   learning rate used inside the hooks;
 * records the true gradient norm of every step (``last_grad_norm``), which
   :class:`hf_lowrank.callbacks.LayerwiseGradNormCallback` puts into the Trainer's logs.
 
 Global gradient clipping (``TrainingArguments.max_grad_norm``) cannot be applied layer-wise: a parameter
-is already updated before the norm of the others is known. The callback refuses ``max_grad_norm > 0``.
+is already updated before the norm of the others is known. The callback refuses ``max_grad_norm > 0``, and
+fp16 loss scaling (the scaler unscales in ``optimizer.step()``, too late); bf16 works. Checkpoints are the
+inner optimizer's own ``state_dict``, so a run can switch between layer-wise and normal steps on resume.
 """
 from functools import partial
 
