@@ -16,6 +16,8 @@ _LAZY = {
     "optimizer_cls_and_kwargs": "hf_lowrank.optim",
     "ProjectedOptimizer": "hf_lowrank.optim",
     "ModeSpec": "hf_lowrank.optim",
+    "make_layerwise": "hf_lowrank.optim.layerwise",
+    "LayerwiseGradNormCallback": "hf_lowrank.callbacks",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
