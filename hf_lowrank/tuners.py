@@ -147,7 +147,9 @@ class TunerModel(nn.Module):
     def optimizer_cls_and_kwargs(self, lr: float = 1e-3, *, rank: int | None = None, update_proj_gap: int = 200,
                                  scale: float = 0.25, proj_type: str = "std", projector: str = "svd",
                                  weight_decay: float = 0.0, **optimizer_options) -> tuple[type, dict]:
-        """``(ProjectedOptimizer, kwargs)`` over the trainable parameters, for ``Trainer(optimizer_cls_and_kwargs=...)``.
+        """``(ProjectedOptimizer, kwargs)`` over the trainable parameters.
+
+        Pass it as ``Trainer(optimizer_cls_and_kwargs=...)``.
 
         With `rank`, :meth:`projected_parameter_names` form a galore-torch-style group (``rank``,
         ``update_proj_gap``, ``scale``, ``proj_type``), so their optimizer state is low-rank; every other
@@ -172,7 +174,7 @@ class TunerModel(nn.Module):
         return ProjectedOptimizer, {"params": groups, "lr": lr, "weight_decay": weight_decay, **optimizer_options}
 
     def create_optimizer(self, lr: float = 1e-3, **kwargs):
-        """The optimizer of :meth:`optimizer_cls_and_kwargs`, built (pass it as ``Trainer(optimizers=(opt, None))``)."""
+        """The optimizer of :meth:`optimizer_cls_and_kwargs`, built: ``Trainer(optimizers=(opt, None))``."""
         cls, cls_kwargs = self.optimizer_cls_and_kwargs(lr, **kwargs)
         return cls(**cls_kwargs)
 
@@ -222,7 +224,8 @@ class TunerModel(nn.Module):
         with torch.no_grad():
             for name, tensor in state.items():
                 if own[name].shape != tensor.shape:
-                    raise ValueError(f"Saved {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}.")
+                    raise ValueError(f"Saved {name} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(own[name].shape)}.")
                 own[name].copy_(tensor)
         return tuner
 
@@ -253,7 +256,8 @@ class TunerModel(nn.Module):
             "",
             "```python",
             "from hf_lowrank.tuners import load_tuner",
-            f"model = load_tuner(base_model, \"<this repo, downloaded>\")  # then .merge_and_unload() for a dense model",
+            "model = load_tuner(base_model, \"<this repo, downloaded>\")",
+            "dense = model.merge_and_unload()  # a plain transformers model",
             "```",
         ]
         return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")

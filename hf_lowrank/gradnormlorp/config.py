@@ -43,7 +43,8 @@ class GradNormLoRPConfig:
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
         elif not isinstance(self.target_modules, str):
-            raise TypeError(f"`target_modules` must be a str or a list of str, got {type(self.target_modules).__name__}.")
+            kind = type(self.target_modules).__name__
+            raise TypeError(f"`target_modules` must be a str or a list of str, got {kind}.")
         for name in ("rank", "update_proj_gap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

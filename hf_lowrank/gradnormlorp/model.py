@@ -54,7 +54,8 @@ class GradNormLoRPModel(TunerModel):
 
     def optimizer_cls_and_kwargs(self, lr: float = 1e-3, **kwargs):
         """Like :meth:`TunerModel.optimizer_cls_and_kwargs`, with the config's rank/gap/scale/proj_type/projector."""
-        defaults = {key: getattr(self.tuner_config, key) for key in ("rank", "update_proj_gap", "scale", "proj_type", "projector")}
+        keys = ("rank", "update_proj_gap", "scale", "proj_type", "projector")
+        defaults = {key: getattr(self.tuner_config, key) for key in keys}
         return super().optimizer_cls_and_kwargs(lr, **{**defaults, **kwargs})
 
     def merge_and_unload(self) -> nn.Module:
@@ -69,8 +70,8 @@ class GradNormLoRPModel(TunerModel):
     def card_details(self) -> list[str]:
         c = self.tuner_config
         return [
-            f"- GradNormLoRP on {len(self.targets)} linear layers: W = m ⊙ V/‖V‖, direction gradients projected to "
-            f"rank {c.rank} ({c.projector}, refresh every {c.update_proj_gap} steps, scale {c.scale})",
+            f"- GradNormLoRP on {len(self.targets)} linear layers: W = m ⊙ V/‖V‖, direction gradients "
+            f"projected to rank {c.rank} ({c.projector}, refresh every {c.update_proj_gap} steps, scale {c.scale})",
             "- Paper: [GradNormLoRP](https://arxiv.org/abs/2412.19616)",
         ]
 

@@ -52,10 +52,12 @@ class WeLoreConfig:
     threshold: Optional[float] = field(
         default=None, metadata={"help": "Global threshold τ in (0, 1] on min-max normalised singular values."}
     )
-    method: str = field(default="welore", metadata={"help": "'welore' (global τ) or 'uniform' (⌊ρ·rank⌋ each)."})
+    method: str = field(
+        default="welore", metadata={"help": "'welore' (global τ) or 'uniform' (⌊ρ·rank⌋ each)."}
+    )
     min_ratio: float = field(
         default=0.4999,
-        metadata={"help": "Factorise a matrix only if its dropped fraction exceeds this (0.4999 fine-tune, 0 compress)."},
+        metadata={"help": "Factorise only if the dropped fraction exceeds this (0.4999 fine-tune, 0 compress)."},
     )
     rank_pattern: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Regex (module-name suffix) -> rank k overrides."}
@@ -69,7 +71,8 @@ class WeLoreConfig:
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
         elif not isinstance(self.target_modules, str):
-            raise TypeError(f"`target_modules` must be a str or a list of str, got {type(self.target_modules).__name__}.")
+            kind = type(self.target_modules).__name__
+            raise TypeError(f"`target_modules` must be a str or a list of str, got {kind}.")
         if self.method not in METHODS:
             raise ValueError(f"`method`={self.method!r} is not supported; use one of {list(METHODS)}.")
         if (self.rank_reduction is None) == (self.threshold is None):

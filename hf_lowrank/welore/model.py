@@ -174,8 +174,9 @@ class WeLoreModel(TunerModel):
         if self.tuner_config.rank_reduction is not None and self.tuner_config.method == "welore":
             achieved = self.achieved_rank_reduction
             if abs(achieved - self.tuner_config.rank_reduction) > 0.01:
-                logger.warning(f"WeLore reached rank reduction {achieved:.3f} instead of {self.tuner_config.rank_reduction}: "
-                               "too few targeted matrices for min_ratio; lower min_ratio or target more modules.")
+                logger.warning(f"WeLore reached rank reduction {achieved:.3f} instead of "
+                               f"{self.tuner_config.rank_reduction}: too few targeted matrices for min_ratio; "
+                               "lower min_ratio or target more modules.")
         logger.info(f"WeLore: τ={self.threshold}, {lrcs}/{len(plans)} matrices are LRCs, "
                     f"effective rank reduction {self.achieved_rank_reduction:.3f}.")
         return self
