@@ -303,6 +303,9 @@ def test_transformer_linear_layers_use_token_rows(tmp_path):
     (dict(epsilon_2=-0.1), "epsilon_2"),
     (dict(strategy="ewc"), "strategy"),
     (dict(head="multi"), "head_modules"),
+    (dict(strategy="gpm", forward_transfer=True), "forward_transfer"),
+    (dict(trust_region_size=0), "trust_region_size"),
+    (dict(scale_learning_rate=0.0), "scale_learning_rate"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -74,6 +74,11 @@ class ContinualConfig:
         default=2,
         metadata={"help": "Forward transfer: at most this many strongly related old tasks per layer (TRGP: 2)."},
     )
+    scale_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "Forward transfer: learning rate of the TRGP scales (None: the model's). The scales multiply "
+                  "W B_j, so a large model lr can make them diverge (measured: lr 0.1 on the digits MLP)."},
+    )
     head: str = field(
         default="shared",
         metadata={"help": "'shared' (one output layer for all tasks, projected like any layer) or 'multi' "
@@ -132,6 +137,8 @@ class ContinualConfig:
             raise ValueError(f"`backward_scale` must be a non-negative number, got {self.backward_scale!r}.")
         if self.forward_transfer and self.strategy != "cuber":
             raise ValueError("`forward_transfer=True` needs `strategy='cuber'` (it uses the per-task bases).")
+        if self.scale_learning_rate is not None and not self.scale_learning_rate > 0:
+            raise ValueError(f"`scale_learning_rate` must be positive or None, got {self.scale_learning_rate!r}.")
         if not isinstance(self.trust_region_size, int) or self.trust_region_size < 1:
             raise ValueError(f"`trust_region_size` must be a positive int, got {self.trust_region_size!r}.")
         if not isinstance(self.representation_samples, int) or self.representation_samples < 1:

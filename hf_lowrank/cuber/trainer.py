@@ -6,6 +6,8 @@ test and builds each layer's projection, (2) projects gradients right before eve
 so any torch optimizer works), (3) after the task folds the layer inputs of a sample of the task's training data
 into the per-layer bases (only ``d x d`` covariances, never the examples) and (4) evaluates every task seen so far
 into the accuracy matrix ``R``. Old tasks' evaluation sets are referenced for ``R`` only, never trained on.
+With ``forward_transfer=True`` (CUBER) the layers also carry TRGP's learnable scales on the trust-region old
+tasks' frozen weights during the task; they are stored with the task and applied again whenever it is evaluated.
 """
 import inspect
 import os
@@ -197,7 +199,8 @@ class ContinualTrainer(Trainer):
         if self._projection is not None and not self._hook_handles:
             self._hook_handles = self._projection.attach(optimizer)
         if self._scaled is not None and self._scaled.parameters():
-            optimizer.add_param_group({"params": self._scaled.parameters(), "weight_decay": 0.0})
+            scale_lr = self.continual_config.scale_learning_rate or self.args.learning_rate
+            optimizer.add_param_group({"params": self._scaled.parameters(), "weight_decay": 0.0, "lr": scale_lr})
         return optimizer
 
     def _prepare_inputs(self, inputs):
