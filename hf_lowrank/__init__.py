@@ -18,6 +18,8 @@ _LAZY = {
     "ModeSpec": "hf_lowrank.optim",
     "make_layerwise": "hf_lowrank.optim.layerwise",
     "LayerwiseGradNormCallback": "hf_lowrank.callbacks",
+    "TpSGDTrainer": "hf_lowrank.tpsgd",
+    "TpSGDConfig": "hf_lowrank.tpsgd",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
