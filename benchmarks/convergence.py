@@ -60,7 +60,9 @@ def parse_args(argv):
     opt.add_argument("--gap", type=int, default=50, help="update_proj_gap")
     opt.add_argument("--scale", type=float, default=0.25)
     opt.add_argument("--lr", type=float, default=1e-2, help="lr of the projected modes (paper: 1e-2)")
-    opt.add_argument("--adamw-lr", type=float, default=1e-3, help="lr of the full-rank AdamW baselines")
+    opt.add_argument("--adamw-lr", type=float, nargs="+", default=[1e-3],
+                     help="lr(s) of the full-rank AdamW baselines; with several, the best final eval loss is the "
+                          "baseline (a fair, tuned AdamW)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-every", type=int, default=50)
     evaluation.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seq tokens")
@@ -73,7 +75,8 @@ def parse_args(argv):
 def make_optimizers(args):
     """``{name: optimizer factory(model)}``: the two reference implementations and every requested mode."""
     shared = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    factories = {TORCH_ADAMW: lambda model: torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, **shared)}
+    factories = {adamw_name(lr, args): lambda model, lr=lr: torch.optim.AdamW(model.parameters(), lr=lr, **shared)
+                 for lr in args.adamw_lr}
     if not args.no_galore_torch:
         from galore_torch import GaLoreAdamW
 
@@ -83,11 +86,15 @@ def make_optimizers(args):
     if args.modes:
         from hf_lowrank.optim import create_optimizer
     for mode in args.modes:
-        lr = args.adamw_lr if mode == "adamw" else args.lr
+        lr = args.adamw_lr[0] if mode == "adamw" else args.lr
         factories[mode] = lambda model, mode=mode, lr=lr: create_optimizer(
             model, mode, target_modules=PAPER_TARGET_MODULES, rank=args.rank, update_proj_gap=args.gap,
             scale=args.scale, lr=lr, **shared)
     return factories
+
+
+def adamw_name(lr: float, args) -> str:
+    return TORCH_ADAMW if len(args.adamw_lr) == 1 else f"{TORCH_ADAMW} lr={lr:g}"
 
 
 def eval_windows(tokens: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
@@ -161,7 +168,8 @@ def main(argv=None):
     else:
         results = {name: train(name, args) for name in names}
 
-    base_eval = results[TORCH_ADAMW]["eval"][-1][1]
+    baseline = min((adamw_name(lr, args) for lr in args.adamw_lr), key=lambda n: results[n]["eval"][-1][1])
+    base_eval = results[baseline]["eval"][-1][1]
     tail = max(1, args.steps // 10)
     rows = []
     for name, result in results.items():
@@ -170,7 +178,7 @@ def main(argv=None):
                            else "-")
         rows.append([name, f"{final:.4f}", f"{final / base_eval:.4f}", vs_galore_torch,
                      f"{sum(result['train'][-tail:]) / tail:.4f}", format_bytes(result["state_bytes"])])
-    table = markdown_table(["optimizer", "final eval loss", "x AdamW", "x galore-torch",
+    table = markdown_table(["optimizer", "final eval loss", f"x AdamW ({baseline})", "x galore-torch",
                             f"train loss (mean of last {tail} steps)", "optimizer state"], rows)
 
     targets = []
@@ -194,7 +202,8 @@ def main(argv=None):
         f"vocab {VOCAB} ({n_params / 1e6:.2f}M parameters). {args.steps} steps of {args.batch} x {args.seq} "
         f"tokens, same initialisation and batches for every optimizer. Cosine schedule, {args.warmup_ratio:.0%} "
         f"warm-up, decay to {args.min_lr_ratio:.0%} of the peak, no weight decay, eps 1e-8. Full-rank AdamW: "
-        f"lr {args.adamw_lr:g}. Projected modes and galore-torch: lr {args.lr:g}, scale {args.scale:g}, rank "
+        f"lr {', '.join(f'{lr:g}' for lr in args.adamw_lr)}. Projected modes and galore-torch: lr {args.lr:g}, "
+        f"scale {args.scale:g}, rank "
         f"{args.rank}, update_proj_gap {args.gap}, on attention + MLP linears (embeddings, norms, lm_head: "
         f"full-rank inner optimizer at lr {args.lr:g}). Eval: mean loss over {args.eval_windows} fixed windows of "
         f"the held-out split.",

@@ -166,20 +166,23 @@ def main(argv=None):
     base = summary[TORCH_ADAMW]
     base_full = base["regular"]["fwd_bwd"] + base["regular"]["opt"]
     base_opt = base["regular"]["opt"]
-    full = {n: amortized(s, "fwd_bwd", args.gap) + amortized(s, "opt", args.gap) for n, s in summary.items()}
+    measured = {n: amortized(s, "fwd_bwd", args.gap) + amortized(s, "opt", args.gap) for n, s in summary.items()}
     opt = {n: amortized(s, "opt", args.gap) for n, s in summary.items()}
+    # Forward+backward is the same computation for every candidate: its median over all candidates is the least
+    # noisy estimate, so the full step is that plus each candidate's own (amortized) optimizer step.
+    fwd_bwd = median([s["regular"]["fwd_bwd"] for s in summary.values()])
+    full = {n: (fwd_bwd + opt[n]) / (fwd_bwd + base_opt) for n in summary}
     rows = []
     for name, split in summary.items():
         refresh_extra = (f"{(split['refresh']['opt'] - split['regular']['opt']) / base_full:.2f}"
                          if split["refresh"] else "-")
         vs_galore_torch = f"{full[name] / full[GALORE_TORCH]:.3f}" if GALORE_TORCH in full else "-"
-        rows.append([name, f"{full[name] / base_full:.3f}", f"{opt[name] / base_opt:.2f}",
-                     f"{split['regular']['opt'] / base_opt:.2f}", refresh_extra,
-                     vs_galore_torch])
+        rows.append([name, f"{full[name]:.3f}", f"{measured[name] / base_full:.3f}", f"{opt[name] / base_opt:.2f}",
+                     f"{split['regular']['opt'] / base_opt:.2f}", refresh_extra, vs_galore_torch])
     step_table = markdown_table(
-        ["optimizer", f"full step, amortized gap {args.gap} (x AdamW)", f"optimizer step, amortized (x AdamW)",
-         "optimizer step, no refresh (x AdamW)", "one refresh costs (x AdamW full step)", "full step vs galore-torch"],
-        rows)
+        ["optimizer", f"full step, amortized gap {args.gap} (x AdamW)", "same, each candidate's own fwd+bwd",
+         "optimizer step, amortized (x AdamW)", "optimizer step, no refresh (x AdamW)",
+         "one refresh costs (x AdamW full step)", "full step vs galore-torch"], rows)
 
     svd_time = refresh_times["svd"]
     refresh_rows = [[name, f"{svd_time / t:.2f}x", f"{t / svd_time:.3f}",
@@ -190,9 +193,10 @@ def main(argv=None):
 
     targets = []
     if "galore" in full:
-        ratio = full["galore"] / base_full
+        ratio = full["galore"]
         targets.append(f"- `galore` full step amortized at gap {args.gap}: {ratio:.3f}x AdamW "
-                       f"(target <= 1.05: {'met' if ratio <= 1.05 else 'MISSED'})")
+                       f"(target <= 1.05: {'met' if ratio <= 1.05 else 'MISSED'}; with its own fwd+bwd median: "
+                       f"{measured['galore'] / base_full:.3f}x)")
         if GALORE_TORCH in full:
             vs = full["galore"] / full[GALORE_TORCH]
             targets.append(f"- `galore` vs galore-torch (full step, amortized): {vs:.3f}x "
@@ -212,8 +216,10 @@ def main(argv=None):
         f"attention + MLP linears. {args.rounds} timed rounds after {args.warmup} warm-up rounds; each round steps "
         f"every optimizer once, round-robin. Projector refresh every {args.gap_run} steps while timing; figures at "
         f"gap {args.gap} are amortized from the medians of regular and refresh steps. All figures are ratios of "
-        f"medians to torch.optim.AdamW measured side by side (AdamW full step here: {base_full * 1e3:.0f} ms, "
-        f"informational only).",
+        f"medians to torch.optim.AdamW measured side by side (AdamW full step here: {base_full * 1e3:.0f} ms, of "
+        f"which the optimizer step {base_opt * 1e3:.0f} ms; informational only). Forward+backward is identical work "
+        f"for every candidate, so the full-step column uses its median over all candidates; the next column uses "
+        f"each candidate's own, which shows the noise left by other processes on the shared cores.",
         "",
         step_table,
         "",
@@ -231,7 +237,7 @@ def main(argv=None):
 
     fig, axes = new_figure(2, width=6.5)
     names = list(summary)
-    axes[0, 0].barh(names, [full[n] / base_full for n in names], color="tab:blue", label="full step")
+    axes[0, 0].barh(names, [full[n] for n in names], color="tab:blue", label="full step")
     axes[0, 0].barh(names, [opt[n] / base_full for n in names], color="tab:orange", label="optimizer step")
     axes[0, 0].axvline(1.0, color="k", lw=0.8)
     axes[0, 0].set_xlabel(f"time per step, amortized at gap {args.gap} (x torch AdamW full step)")
@@ -242,7 +248,7 @@ def main(argv=None):
     axes[0, 1].set_title(f"{args.refresh_shape[0]}x{args.refresh_shape[1]}, rank {args.refresh_rank}")
     axes[0, 1].invert_yaxis()
     write_results(NAME, args.out_dir, markdown, fig)
-    return {"full": {n: full[n] / base_full for n in full}, "refresh": refresh_times}
+    return {"full": full, "refresh": refresh_times}
 
 
 if __name__ == "__main__":
