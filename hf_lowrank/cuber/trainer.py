@@ -89,6 +89,7 @@ class ContinualTrainer(Trainer):
         self._sample = None
         self._hook_handles = []
         self._scaled: ScaledWeightProjection | None = None
+        self._positives: dict[str, list[int]] = {}
         if config.strategy == "cuber" and config.recheck_every_epoch:
             self.add_callback(_EpochCorrelationCheck(self))
 
@@ -124,6 +125,7 @@ class ContinualTrainer(Trainer):
         if config.forward_transfer and index > 0:
             self._scaled = ScaledWeightProjection.identity(self.memory.layers, self._trust_regions(), self.args.device)
             scale_handles = self._scaled.attach(self.target_layers)
+            self._build_layer_projections()
         try:
             self.train()
             if config.strategy != "finetune":
@@ -291,8 +293,21 @@ class ContinualTrainer(Trainer):
                 ]
             self.correlation_history.append(record)
             logger.info(f"CUBER task {self._task_index}: positively correlated old tasks per layer {positives}")
+        self._positives = positives
+        self._build_layer_projections()
+
+    def _build_layer_projections(self) -> None:
+        """Layer projections from the latest test. Old tasks reused through TRGP scales keep ``W B_j`` frozen (as in
+        TRGP): moving it as well would be amplified by the scale, which diverged in our digits runs."""
+        config = self.continual_config
+        scaled = self._scaled.scales if self._scaled is not None else {}
         self._projection.projections = {
-            name: LayerProjection(self.memory.layers[name], positives[name], config.backward_scale, config.step_guard)
+            name: LayerProjection(
+                self.memory.layers[name],
+                [j for j in self._positives[name] if j not in scaled.get(name, {})],
+                config.backward_scale,
+                config.step_guard,
+            )
             for name in self.target_layers
         }
 
