@@ -187,13 +187,15 @@ def write_report(args, results, memory, examples):
         lines.append(f"| {sequence} | {strategy} | {acc.mean():.2f} ± {acc.std():.2f} | {bwt.mean():+.2f} ± {bwt.std():.2f} |")
     lines += ["", "Memory held after the last task (seed 0): basis size / input dim, and bytes per layer "
               "(union basis; CUBER adds per-task bases and stored gradient projections).", "",
-              "| sequence | strategy | layer | basis | union bytes | task-basis bytes | grad-stat bytes |", "|---|---|---|---|---|---|---|"]
+              "| sequence | strategy | layer | basis | union bytes | task-basis bytes | grad-stat bytes | TRGP-scale bytes |",
+              "|---|---|---|---|---|---|---|---|"]
     for (sequence, strategy), (ranks, nbytes) in memory.items():
         if strategy != "gpm" and not strategy.startswith("cuber"):
             continue
         for layer, (rank, dim) in ranks.items():
             b = nbytes[layer]
-            lines.append(f"| {sequence} | {strategy} | {layer} | {rank}/{dim} | {b['union']} | {b['task_bases']} | {b['task_grads']} |")
+            lines.append(f"| {sequence} | {strategy} | {layer} | {rank}/{dim} | {b['union']} | {b['task_bases']} | "
+                         f"{b['task_grads']} | {b['task_scales']} |")
     report = "\n".join(lines)
     print(report)
     args.out_dir.mkdir(parents=True, exist_ok=True)
