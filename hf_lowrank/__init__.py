@@ -20,6 +20,8 @@ _LAZY = {
     "LayerwiseGradNormCallback": "hf_lowrank.callbacks",
     "TpSGDTrainer": "hf_lowrank.tpsgd",
     "TpSGDConfig": "hf_lowrank.tpsgd",
+    "ContinualTrainer": "hf_lowrank.cuber",
+    "ContinualConfig": "hf_lowrank.cuber",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
