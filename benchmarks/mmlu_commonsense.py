@@ -45,20 +45,29 @@ def parse_args(argv=None):
     parser.add_argument("--mmlu-steps", type=int, default=None,
                         help="MMLU fine-tuning steps (default: --steps; 0 runs MMLU zero-shot only)")
     parser.add_argument("--skip-mmlu", action="store_true", help="commonsense only")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep existing results JSONs of the same runs (same settings!) instead of rerunning")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     return parser.parse_args(argv)
 
 
-def run(recipe, config: str, name: str, overrides: list[str], runs_dir: Path) -> Path:
-    """Run recipes/configs/<config>_<mode>.yaml through the recipe's main(); return the results file it wrote."""
+def run(recipe, config: str, name: str, overrides: list[str], runs_dir: Path, reuse: bool = False) -> Path:
+    """Run recipes/configs/<config>_<mode>.yaml through the recipe's main(); return the results file it wrote.
+
+    With `reuse`, an existing results file of the same run is returned instead (resuming an interrupted benchmark).
+    """
     task, mode = config.split("/")[0], config.rsplit("_", 1)[-1]
+    path = runs_dir / f"{task}--{'adamw' if mode == 'zeroshot' else mode}--{name}.json"
+    if reuse and path.is_file():
+        return path
     recipe.main(["--config", str(REPO / "recipes" / "configs" / f"{config}.yaml"), f"results_dir={runs_dir}",
                  f"output_dir={runs_dir / 'outputs'}", f"config_name={name}", *overrides])
-    return runs_dir / f"{task}--{'adamw' if mode == 'zeroshot' else mode}--{name}.json"
+    return path
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    args.command = " ".join(["python benchmarks/mmlu_commonsense.py", *(sys.argv[1:] if argv is None else argv)])
     out_dir = Path(args.out_dir)
     runs_dir = out_dir / "mmlu_commonsense_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +76,9 @@ def main(argv=None) -> str:
     train = [f"max_steps={args.steps}", f"batch_size={args.batch_size}", f"max_seq_length={args.seq}",
              "logging_steps=5"]
     rows: list[dict] = []
+
+    def go(recipe, config, name, overrides):
+        return run(recipe, config, name, overrides, runs_dir, args.reuse)
 
     def record(label, path, kind):
         data = json.loads(Path(path).read_text())
@@ -77,18 +89,18 @@ def main(argv=None) -> str:
                      "loss": info["loss_history"][-1][1] if info.get("loss_history") else None})
 
     record("zero-shot, option text",
-           run(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_text", cs_eval, runs_dir), "cs")
-    record("zero-shot, answer label", run(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_label",
-                                          cs_eval + ["eval_mode=loglik"], runs_dir), "cs")
+           go(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_text", cs_eval), "cs")
+    record("zero-shot, answer label", go(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_label",
+                                          cs_eval + ["eval_mode=loglik"]), "cs")
     if not args.skip_mmlu:
-        record("zero-shot", run(mmlu, "mmlu/smollm2_zeroshot", "bench_zeroshot", mmlu_eval, runs_dir), "mmlu")
+        record("zero-shot", go(mmlu, "mmlu/smollm2_zeroshot", "bench_zeroshot", mmlu_eval), "mmlu")
     for mode in args.modes.split(","):
         label = f"{mode}, {args.steps} steps"
-        record(label, run(commonsense, f"commonsense/smollm2_{mode}", "bench", cs_eval + train, runs_dir), "cs")
+        record(label, go(commonsense, f"commonsense/smollm2_{mode}", "bench", cs_eval + train), "cs")
     mmlu_steps = args.steps if args.mmlu_steps is None else args.mmlu_steps
     for mode in args.modes.split(",") if mmlu_steps and not args.skip_mmlu else []:
-        record(f"{mode}, {mmlu_steps} steps", run(mmlu, f"mmlu/smollm2_{mode}", "bench",
-                                                  mmlu_eval + train + [f"max_steps={mmlu_steps}"], runs_dir), "mmlu")
+        record(f"{mode}, {mmlu_steps} steps", go(mmlu, f"mmlu/smollm2_{mode}", "bench",
+                                                  mmlu_eval + train + [f"max_steps={mmlu_steps}"]), "mmlu")
     text = report(rows, args)
     print(text)
     (out_dir / "mmlu_commonsense.md").write_text(text + "\n")
@@ -107,6 +119,8 @@ def _loss(row) -> str:
 def report(rows: list[dict], args) -> str:
     lines = [
         "# SmolLM2-135M-Instruct: commonsense + MMLU (shipped subsets, CPU)",
+        "",
+        f"Command: `{args.command}`",
         "",
         f"Settings: {args.eval_examples} test examples per commonsense task, {args.mmlu_questions} MMLU test "
         "questions "
