@@ -22,6 +22,9 @@ _LAZY = {
     "TpSGDConfig": "hf_lowrank.tpsgd",
     "ContinualTrainer": "hf_lowrank.cuber",
     "ContinualConfig": "hf_lowrank.cuber",
+    "WeLoreConfig": "hf_lowrank.welore",
+    "GradNormLoRPConfig": "hf_lowrank.gradnormlorp",
+    "load_tuner": "hf_lowrank.tuners",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
