@@ -404,3 +404,21 @@ def test_forward_transfer_trains_scales_keeps_old_task_and_resumes(tmp_path):
     resumed = make_trainer(tmp_path / "resumed", TinyNet(), **config)
     resumed.load_continual_checkpoint(str(tmp_path / "task-1"))
     torch.testing.assert_close(resumed.memory.layers["lin1"].task_scales[1][0], q)
+
+
+def test_benchmark_graded_sequence_is_one_noise_family_of_decreasing_strength():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cuber.py"
+    spec = importlib.util.spec_from_file_location("cuber_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    graded = bench.make_sequence("graded", seed=0)
+    clean_test = bench.make_sequence("correlated", seed=0)[0][2]
+    assert len(graded) == 5
+    gaps = [float(((test.x - clean_test.x) ** 2).mean()) for _, _, test in graded]
+    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    for _, train, test in graded:
+        assert torch.equal(test.y, clean_test.y)
+        assert set(train.y.tolist()) == set(range(10))
