@@ -8,6 +8,9 @@ bytes (saved_tensors_hooks) and the step-time ratio to BP, timed interleaved on 
 
     python benchmarks/tpsgd.py                     # defaults: 10 epochs, 5 seeds, lr 3e-3
     python benchmarks/tpsgd.py --epochs 30 --lrs 1e-3 3e-3 1e-2 --archs mlp cnn gru rnn lstm
+
+For recurrent archs tpSGD also picks `TpSGDConfig.recurrent_projection` (one P per layer, or one per time step)
+on the same validation split; DRTP keeps its single B per layer and BP has no targets.
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ from hf_lowrank.tpsgd import LastTimeStep, TpSGDConfig, TpSGDTrainer  # noqa: E4
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("bp", "tpsgd", "drtp")
+RECURRENT = ("rnn", "gru", "lstm")
 
 
 class DictDataset(torch.utils.data.Dataset):
@@ -73,14 +77,15 @@ def data(seed=0):
             "fit": (t(X_fit), t(y_fit)), "val": (t(X_val), t(y_val))}
 
 
-def trainer_for(arch, method, lr, seed, train, epochs, out):
+def trainer_for(arch, method, lr, seed, train, epochs, out, recurrent_projection="shared"):
     torch.manual_seed(seed)
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=32, num_train_epochs=epochs, learning_rate=lr, seed=seed,
         lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True, disable_tqdm=True,
         save_strategy="no", logging_strategy="no",
     )
-    cfg = TpSGDConfig(mode=method, seed=seed, projection="kaiming_uniform" if method == "drtp" else "gaussian")
+    cfg = TpSGDConfig(mode=method, seed=seed, projection="kaiming_uniform" if method == "drtp" else "gaussian",
+                      recurrent_projection=recurrent_projection)
     X, y = train
     trainer = TpSGDTrainer(model=build(arch), args=args, tpsgd_config=cfg,
                            train_dataset=DictDataset(arch_input(arch, X), y))
@@ -94,10 +99,10 @@ def accuracy(trainer, arch, split):
     return 100.0 * float((logits.argmax(-1) == y.numpy()).mean())
 
 
-def step_time_ratios(arch, splits, reps, out):
+def step_time_ratios(arch, splits, reps, out, targets):
     """Median time of one optimizer step per method / BP's, timed round-robin on the same batches."""
     X, y = splits["train"]
-    trainers = {m: trainer_for(arch, m, 1e-3, 0, splits["train"], 1, out) for m in METHODS}
+    trainers = {m: trainer_for(arch, m, 1e-3, 0, splits["train"], 1, out, targets[m]) for m in METHODS}
     for t in trainers.values():
         t.create_optimizer()
         t.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call training_step directly
@@ -125,6 +130,9 @@ def main():
                         "value there is no search (3e-3 won for all three methods on the MLP's validation split)")
     parser.add_argument("--archs", nargs="+", default=["mlp", "cnn", "gru"],
                         choices=["mlp", "cnn", "rnn", "gru", "lstm"])
+    parser.add_argument("--recurrent-projections", nargs="+", default=["shared", "per_step"],
+                        choices=["shared", "per_step"],
+                        help="TpSGDConfig.recurrent_projection grid for tpSGD on recurrent archs (validation split)")
     parser.add_argument("--partial", action="store_true",
                         help="save only this run's rows (results/tpsgd_<archs>.json); the table merges all partials")
     parser.add_argument("--timing-reps", type=int, default=30)
@@ -139,30 +147,34 @@ def main():
         layers = None
         results = {}
         for method in METHODS:
-            val = {args.lrs[0]: float("nan")}
-            for lr in args.lrs if len(args.lrs) > 1 else []:
-                trainer = trainer_for(arch, method, lr, 0, splits["fit"], args.epochs, out)
+            targets = args.recurrent_projections if method == "tpsgd" and arch in RECURRENT else ["shared"]
+            grid = [(lr, target) for lr in args.lrs for target in targets]
+            val = {grid[0]: float("nan")}
+            for lr, target in grid if len(grid) > 1 else []:
+                trainer = trainer_for(arch, method, lr, 0, splits["fit"], args.epochs, out, target)
                 trainer.train()
-                val[lr] = accuracy(trainer, arch, splits["val"])
-            lr = max(val, key=val.get)
-            chosen[(arch, method)] = (lr, val)
+                val[(lr, target)] = accuracy(trainer, arch, splits["val"])
+            lr, target = max(val, key=val.get)
+            chosen[(arch, method)] = (lr, target, val)
             accs, peak = [], 0
             for seed in range(args.seeds):
-                trainer = trainer_for(arch, method, lr, seed, splits["train"], args.epochs, out)
+                trainer = trainer_for(arch, method, lr, seed, splits["train"], args.epochs, out, target)
                 trainer.train()
                 accs.append(accuracy(trainer, arch, splits["test"]))
                 peak = max(peak, trainer.memory_report["peak_saved_bytes"])
                 layers = trainer.tpsgd_model.num_layers
-            results[method] = (accs, peak, lr)
-            print(f"{arch} {method}: lr {lr:g} (val {val}) test {statistics.mean(accs):.2f} "
+            results[method] = (accs, peak, lr, target if arch in RECURRENT and method != "bp" else "-")
+            val_text = {f"{a:g}/{b}": round(v, 2) for (a, b), v in val.items()}
+            print(f"{arch} {method}: lr {lr:g} {target} (val {val_text}) test {statistics.mean(accs):.2f} "
                   f"± {statistics.stdev(accs) if len(accs) > 1 else 0:.2f} peak {peak}", flush=True)
-        ratios = step_time_ratios(arch, splits, args.timing_reps, out)
+        ratios = step_time_ratios(arch, splits, args.timing_reps, out, {m: chosen[(arch, m)][1] for m in METHODS})
         bp_peak = results["bp"][1]
         for method in METHODS:
-            accs, peak, lr = results[method]
+            accs, peak, lr, target = results[method]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             rows.append({
-                "arch": arch, "L": layers, "method": method, "lr": lr, "acc": statistics.mean(accs), "std": std,
+                "arch": arch, "L": layers, "method": method, "lr": lr, "targets": target,
+                "acc": statistics.mean(accs), "std": std,
                 "gap": statistics.mean(accs) - statistics.mean(results["bp"][0]), "peak": peak,
                 "mem_ratio": peak / bp_peak, "time_ratio": ratios[method],
             })
@@ -180,13 +192,14 @@ def main():
 
 
 def write(rows, args):
-    header = ("| arch | L | method | lr | test acc % (mean ± std) | gap to BP (pt) | peak saved act. bytes | "
-              "vs BP | 1/L | step time vs BP |")
-    lines = [header, "|" + "---|" * 10]
+    header = ("| arch | L | method | lr | recurrent targets | test acc % (mean ± std) | gap to BP (pt) | "
+              "peak saved act. bytes | vs BP | 1/L | step time vs BP |")
+    lines = [header, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['L']} | {r['method']} | {r['lr']:g} | {r['acc']:.2f} ± {r['std']:.2f} | "
-            f"{r['gap']:+.2f} | {r['peak']:,} | {r['mem_ratio']:.2f} | {1 / r['L']:.2f} | {r['time_ratio']:.2f} |"
+            f"| {r['arch']} | {r['L']} | {r['method']} | {r['lr']:g} | {r.get('targets', '-')} | "
+            f"{r['acc']:.2f} ± {r['std']:.2f} | {r['gap']:+.2f} | {r['peak']:,} | {r['mem_ratio']:.2f} | "
+            f"{1 / r['L']:.2f} | {r['time_ratio']:.2f} |"
         )
     table = "\n".join(lines)
     notes = (
@@ -198,7 +211,8 @@ def write(rows, args):
     )
     setup = (
         f"sklearn digits, stratified 75/25 train/test split (1347/450); lr grid {args.lrs} (a grid is searched per "
-        f"(arch, method) on a 25% validation split of train, seed 0); {args.seeds} seeds on train -> test. "
+        f"(arch, method) on a 25% validation split of train, seed 0; for tpSGD on recurrent archs jointly with "
+        f"recurrent_projection in {args.recurrent_projections}); {args.seeds} seeds on train -> test. "
         f"Adam, batch 32, {args.epochs} epochs, constant lr, no clipping, cross-entropy output loss. tpSGD: MSE "
         "local loss, tanh targets, gaussian P (scale 1). DRTP: kaiming-uniform B, as its reference. Peak saved "
         f"bytes at batch 32 (fp32). Step time: median over {args.timing_reps} interleaved steps, 1 thread."

@@ -190,6 +190,30 @@ def test_recurrent_unrolled_layers_match_module_and_skip_bptt(cell):
     assert step_bytes < 6 * 8 * 12 * 4 * 8
 
 
+@pytest.mark.parametrize("recurrent_projection", ["shared", "per_step"])
+def test_recurrent_targets_shared_or_per_step(recurrent_projection):
+    """Gradients equal sum_t 0.5||h_t - tanh(y* P_t)||^2 / (B T) with h_{t-1} constant; P_t = P unless per_step."""
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 6, batch_first=True)
+    model = TpSGDModel(nn.Sequential(gru, LastTimeStep(), nn.Linear(6, 4)),
+                       TpSGDConfig(seed=2, recurrent_projection=recurrent_projection))
+    x, labels = torch.randn(5, 3, 3), torch.tensor([0, 1, 2, 3, 1])
+    per_step = recurrent_projection == "per_step"
+    projections = [projection_matrix("gaussian", 1.0, 2, 0, 4, 6, t if per_step else None) for t in range(3)]
+    assert torch.equal(projections[0], projection_matrix("gaussian", 1.0, 2, 0, 4, 6)) != per_step
+    assert torch.equal(projections[0], projections[1]) != per_step
+
+    y, h, expected = F.one_hot(labels, 4).float(), torch.zeros(5, 6), 0.0
+    for t in range(3):
+        h = torch.gru_cell(x[:, t], h.detach(), gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+        expected = expected + 0.5 * (h - torch.tanh(y @ projections[t])).square().sum() / (5 * 3)
+    weights = list(gru.parameters())
+    want = torch.autograd.grad(expected, weights)
+    model.local_step(x, labels)
+    for got, grad in zip(weights, want):
+        torch.testing.assert_close(got.grad, grad)
+
+
 def _train(tmp_path, net, cfg, X, y, epochs=4, **kw):
     args = make_args(tmp_path, num_train_epochs=epochs, per_device_train_batch_size=32, logging_steps=10, **kw)
     trainer = TpSGDTrainer(model=net, args=args, tpsgd_config=cfg, train_dataset=DictDataset(X, y))
@@ -243,6 +267,10 @@ def test_bad_inputs_give_clear_errors():
         TpSGDConfig(local_loss="hinge")
     with pytest.raises(ValueError, match="target_activation='tanh'.*bce"):
         TpSGDConfig(local_loss="bce", target_activation="tanh")
+    with pytest.raises(ValueError, match="recurrent_projection='every'.*shared, per_step"):
+        TpSGDConfig(recurrent_projection="every")
+    with pytest.raises(ValueError, match="per_step.*mode='drtp'.*one fixed B"):
+        TpSGDConfig(mode="drtp", recurrent_projection="per_step")
     with pytest.raises(ValueError, match="num_labels=5.*10 outputs"):
         TpSGDModel(mlp(), TpSGDConfig(num_labels=5))
     with pytest.raises(ValueError, match="lists 3 losses.*2 hidden"):

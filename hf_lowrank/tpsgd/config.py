@@ -9,6 +9,7 @@ TARGET_ACTIVATIONS = ("tanh", "sigmoid", "softmax", "none")
 PROJECTIONS = ("gaussian", "uniform", "kaiming_uniform")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 OUTPUT_LOSSES = ("cross_entropy", "bce", "mse")
+RECURRENT_PROJECTIONS = ("shared", "per_step")
 
 # The squashing each local loss needs its targets in: BCE wants [0, 1], cross-entropy a distribution.
 DEFAULT_TARGET_ACTIVATION = {"mse": "tanh", "l1": "tanh", "bce": "sigmoid", "cross_entropy": "softmax"}
@@ -60,6 +61,18 @@ class TpSGDConfig:
         },
     )
     projection_scale: float = field(default=1.0, metadata={"help": "Scale of the P matrices (see `projection`)."})
+    recurrent_projection: str = field(
+        default="shared",
+        metadata={
+            "help": f"Targets of recurrent layers, one of {RECURRENT_PROJECTIONS}. 'shared': one P_i for every time "
+            "step. 'per_step': time step t has its own P_{i,t} (also regenerated from `seed`). With a shared P the "
+            "state settles on the label code after a few steps and later inputs barely move it (the state at t-1, "
+            "a constant input, already meets step t's target); per-step targets make every step re-encode the "
+            "state and take in its input, which is much better on row-by-row digits (benchmarks/results/tpsgd.md). "
+            "The readout after the layer sees the last step's code P_{i,T}. Not "
+            "with mode='drtp', whose definition is one fixed B per layer. Feed-forward layers ignore it."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed the P matrices are regenerated from (only this is saved)."})
     optimizer: str = field(
         default="adam",
@@ -87,6 +100,12 @@ class TpSGDConfig:
         _check_choice("projection", self.projection, PROJECTIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("output_loss", self.output_loss, OUTPUT_LOSSES)
+        _check_choice("recurrent_projection", self.recurrent_projection, RECURRENT_PROJECTIONS)
+        if self.mode == "drtp" and self.recurrent_projection != "shared":
+            raise ValueError(
+                "TpSGDConfig.recurrent_projection='per_step' does not fit mode='drtp': DRTP is defined with one fixed "
+                "B per layer. Use recurrent_projection='shared' with DRTP, or mode='tpsgd'."
+            )
         if isinstance(self.local_loss, str):
             losses = [self.local_loss]
         else:

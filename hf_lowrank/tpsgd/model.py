@@ -49,7 +49,7 @@ class TpSGDModel(nn.Module):
         self.num_labels = cfg.num_labels or inferred
         num_hidden = len(self.plan.hidden)
         self.layer_losses = [cfg.loss_of_layer(i, num_hidden) for i in range(num_hidden)]
-        self._projections: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._projections: Dict[Tuple[int, int, Optional[int]], torch.Tensor] = {}
         self.memory = SavedTensorTracker(self.network.parameters)
 
     @property
@@ -60,12 +60,13 @@ class TpSGDModel(nn.Module):
         """Trainable parameters of each block, in order (one optimizer group per layer)."""
         return [[p for p in block.parameters() if p.requires_grad] for block in self.plan.blocks]
 
-    def projection(self, layer: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        key = (layer, width)
+    def projection(self, layer: int, width: int, like: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
+        """P of hidden layer `layer` (of time step `step` with recurrent_projection='per_step'), cached."""
+        key = (layer, width, step)
         if key not in self._projections:
             cfg = self.tpsgd_config
             self._projections[key] = projection_matrix(
-                cfg.projection, cfg.projection_scale, cfg.seed, layer, self.num_labels, width
+                cfg.projection, cfg.projection_scale, cfg.seed, layer, self.num_labels, width, step
             )
         return self._projections[key].to(device=like.device, dtype=like.dtype)
 
@@ -86,10 +87,10 @@ class TpSGDModel(nn.Module):
 
     # ---- layer-local training -------------------------------------------------------------------------------
 
-    def _hidden_grad(self, layer: int, h: torch.Tensor, one_hot: torch.Tensor, scale: float):
-        """(local loss, dL/dh) for the hidden output h (batch, ...) of hidden layer `layer`."""
+    def _hidden_grad(self, layer: int, h: torch.Tensor, one_hot: torch.Tensor, scale: float, step=None):
+        """(local loss, dL/dh) for the hidden output h (batch, ...) of hidden layer `layer` (at time `step`)."""
         flat = h.detach().reshape(h.shape[0], -1)
-        P = self.projection(layer, flat.shape[1], flat)
+        P = self.projection(layer, flat.shape[1], flat, step)
         one_hot = one_hot.to(flat.dtype)
         if self.tpsgd_config.mode == "drtp":
             # DRTP: the gradient estimate at the layer output is labels.mm(B), summed over the batch.
@@ -111,6 +112,8 @@ class TpSGDModel(nn.Module):
     def _recurrent_step(self, index: int, block: RecurrentBlock, x, one_hot, scale, lower_states):
         """Unroll one recurrent layer; each time step is its own graph, the previous state a constant.
 
+        Step t's target comes from P_i, or from P_{i,t} with `recurrent_projection="per_step"`.
+
         `lower_states` holds the final states of the layers below in the same module, so the top layer can
         hand the module's own `(output, h_n)` to what follows. Returns (local loss, output, states so far).
         """
@@ -119,11 +122,12 @@ class TpSGDModel(nn.Module):
         steps = seq.shape[0]
         state = block.initial_state(seq.shape[1], seq)
         outputs, total = [], 0.0
+        per_step = self.tpsgd_config.recurrent_projection == "per_step"
         for t in range(steps):
             with self.memory.track(index):
                 new_state = block.cell(seq[t], state)
                 h = new_state[0] if isinstance(new_state, tuple) else new_state
-                value, grad = self._hidden_grad(index, h, one_hot, scale / steps)
+                value, grad = self._hidden_grad(index, h, one_hot, scale / steps, t if per_step else None)
                 h.backward(grad)
             total += value / steps
             state = tuple(s.detach() for s in new_state) if isinstance(new_state, tuple) else new_state.detach()

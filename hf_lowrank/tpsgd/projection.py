@@ -11,16 +11,28 @@ only what the layer itself saves. Every loss is summed over a layer's units and 
 DRTP instead uses dL/dh = y* B, summed (not averaged) over the batch, exactly as its reference code.
 """
 import math
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
 def projection_matrix(
-    distribution: str, scale: float, seed: int, layer: int, num_labels: int, width: int
+    distribution: str, scale: float, seed: int, layer: int, num_labels: int, width: int, step: Optional[int] = None
 ) -> torch.Tensor:
-    """P of hidden layer `layer` as a (num_labels, width) fp32 matrix, a pure function of its arguments."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    """P of hidden layer `layer` as a (num_labels, width) fp32 matrix, a pure function of its arguments.
+
+    `step` selects the matrix P_{layer,step} of one time step (recurrent_projection='per_step'); its generator
+    seed comes from numpy's SeedSequence over (seed, layer, step), so no two (layer, step) pairs share one.
+    """
+    if step is None:
+        generator_seed = seed * 1_000_003 + layer
+    else:
+        mask = (1 << 64) - 1
+        entropy = [seed & mask, layer, step]
+        generator_seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+    generator = torch.Generator().manual_seed(generator_seed)
     matrix = torch.empty(num_labels, width)
     if distribution == "gaussian":
         matrix.normal_(0.0, scale, generator=generator)

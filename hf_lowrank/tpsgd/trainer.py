@@ -121,9 +121,9 @@ class TpSGDTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, CONFIG_FILE)
         if os.path.isfile(path):
             with open(path) as f:
-                saved = json.load(f)
+                saved = {**TpSGDConfig().to_dict(), **json.load(f)}  # options newer than the checkpoint
             current = self.tpsgd_config.to_dict()
-            keys = ("mode", "seed", "projection", "projection_scale")
+            keys = ("mode", "seed", "projection", "projection_scale", "recurrent_projection")
             changed = {k: (saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]}
             if changed:
                 raise ValueError(
