@@ -190,26 +190,29 @@ def test_recurrent_unrolled_layers_match_module_and_skip_bptt(cell):
     assert step_bytes < 6 * 8 * 12 * 4 * 8
 
 
-@pytest.mark.parametrize("recurrent_projection", ["shared", "per_step"])
-def test_recurrent_targets_shared_or_per_step(recurrent_projection):
-    """Gradients equal sum_t 0.5||h_t - tanh(y* P_t)||^2 / (B T) with h_{t-1} constant; P_t = P unless per_step."""
+@pytest.mark.parametrize("recurrent_projection,step_weights", [("shared", "uniform"), ("per_step", "linear")])
+def test_recurrent_targets_shared_or_per_step(recurrent_projection, step_weights):
+    """Gradients equal sum_t w_t 0.5||h_t - tanh(y* P_t)||^2 / B with h_{t-1} constant; P_t = P unless per_step,
+    w_t = 1/T (uniform) or t/(1+2+3) (linear)."""
     torch.manual_seed(0)
     gru = nn.GRU(3, 6, batch_first=True)
-    model = TpSGDModel(nn.Sequential(gru, LastTimeStep(), nn.Linear(6, 4)),
-                       TpSGDConfig(seed=2, recurrent_projection=recurrent_projection))
+    cfg = TpSGDConfig(seed=2, recurrent_projection=recurrent_projection, recurrent_step_weights=step_weights)
+    model = TpSGDModel(nn.Sequential(gru, LastTimeStep(), nn.Linear(6, 4)), cfg)
     x, labels = torch.randn(5, 3, 3), torch.tensor([0, 1, 2, 3, 1])
     per_step = recurrent_projection == "per_step"
     projections = [projection_matrix("gaussian", 1.0, 2, 0, 4, 6, t if per_step else None) for t in range(3)]
     assert torch.equal(projections[0], projection_matrix("gaussian", 1.0, 2, 0, 4, 6)) != per_step
     assert torch.equal(projections[0], projections[1]) != per_step
 
+    step_weight = [1 / 3] * 3 if step_weights == "uniform" else [1 / 6, 2 / 6, 3 / 6]
     y, h, expected = F.one_hot(labels, 4).float(), torch.zeros(5, 6), 0.0
     for t in range(3):
         h = torch.gru_cell(x[:, t], h.detach(), gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-        expected = expected + 0.5 * (h - torch.tanh(y @ projections[t])).square().sum() / (5 * 3)
+        expected = expected + step_weight[t] * 0.5 * (h - torch.tanh(y @ projections[t])).square().sum() / 5
     weights = list(gru.parameters())
     want = torch.autograd.grad(expected, weights)
-    model.local_step(x, labels)
+    _, local_losses = model.local_step(x, labels)
+    torch.testing.assert_close(local_losses[0], expected.item())
     for got, grad in zip(weights, want):
         torch.testing.assert_close(got.grad, grad)
 
@@ -269,6 +272,8 @@ def test_bad_inputs_give_clear_errors():
         TpSGDConfig(local_loss="bce", target_activation="tanh")
     with pytest.raises(ValueError, match="recurrent_projection='every'.*shared, per_step"):
         TpSGDConfig(recurrent_projection="every")
+    with pytest.raises(ValueError, match="recurrent_step_weights='last'.*uniform, linear"):
+        TpSGDConfig(recurrent_step_weights="last")
     with pytest.raises(ValueError, match="per_step.*mode='drtp'.*one fixed B"):
         TpSGDConfig(mode="drtp", recurrent_projection="per_step")
     with pytest.raises(ValueError, match="num_labels=5.*10 outputs"):

@@ -10,6 +10,7 @@ PROJECTIONS = ("gaussian", "uniform", "kaiming_uniform")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 OUTPUT_LOSSES = ("cross_entropy", "bce", "mse")
 RECURRENT_PROJECTIONS = ("shared", "per_step")
+RECURRENT_STEP_WEIGHTS = ("uniform", "linear")
 
 # The squashing each local loss needs its targets in: BCE wants [0, 1], cross-entropy a distribution.
 DEFAULT_TARGET_ACTIVATION = {"mse": "tanh", "l1": "tanh", "bce": "sigmoid", "cross_entropy": "softmax"}
@@ -73,6 +74,14 @@ class TpSGDConfig:
             "with mode='drtp', whose definition is one fixed B per layer. Feed-forward layers ignore it."
         },
     )
+    recurrent_step_weights: str = field(
+        default="uniform",
+        metadata={
+            "help": f"How a recurrent layer's local loss weighs its T time steps, one of {RECURRENT_STEP_WEIGHTS}: "
+            "'uniform' 1/T each, 'linear' t / (1 + ... + T) for t = 1..T, so early steps, whose inputs say "
+            "little about the label yet, count less than the last ones the readout sees."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed the P matrices are regenerated from (only this is saved)."})
     optimizer: str = field(
         default="adam",
@@ -101,6 +110,7 @@ class TpSGDConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("output_loss", self.output_loss, OUTPUT_LOSSES)
         _check_choice("recurrent_projection", self.recurrent_projection, RECURRENT_PROJECTIONS)
+        _check_choice("recurrent_step_weights", self.recurrent_step_weights, RECURRENT_STEP_WEIGHTS)
         if self.mode == "drtp" and self.recurrent_projection != "shared":
             raise ValueError(
                 "TpSGDConfig.recurrent_projection='per_step' does not fit mode='drtp': DRTP is defined with one fixed "

@@ -8,7 +8,8 @@ A layer ("block") is one trainable module followed by the parameter-free modules
 * `nn.RNN`, `nn.GRU`, `nn.LSTM` (unidirectional, no `proj_size`): each of the `num_layers` stacked layers is
   its own block, unrolled with its cell; the local loss is taken on the hidden state of every time step (target
   from one P_i, or from P_{i,t} per step with `TpSGDConfig.recurrent_projection="per_step"`) and the previous
-  hidden (and cell) state is a constant input, so nothing is backpropagated through time. Put
+  hidden (and cell) state is a constant input, so nothing is backpropagated through time. The per-step losses
+  are averaged, or weighted toward later steps with `TpSGDConfig.recurrent_step_weights="linear"`. Put
   `LastTimeStep()` after the recurrent module to feed its last hidden state to the next layer.
 
 Parameter-free modules before the first trainable module are an input prefix. Anything else that holds

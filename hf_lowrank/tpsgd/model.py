@@ -21,6 +21,12 @@ def task_loss(name: str, logits: torch.Tensor, one_hot: torch.Tensor) -> torch.T
     return F.mse_loss(logits, one_hot)
 
 
+def recurrent_step_weights(name: str, steps: int) -> List[float]:
+    """Weights of the `steps` per-step local losses of a recurrent layer (they sum to 1)."""
+    raw = [1.0] * steps if name == "uniform" else [float(t) for t in range(1, steps + 1)]
+    return [w / sum(raw) for w in raw]
+
+
 class TpSGDModel(nn.Module):
     """An `nn.Sequential` classifier (see `hf_lowrank.tpsgd.layers` for what it may contain) plus tpSGD state.
 
@@ -112,7 +118,8 @@ class TpSGDModel(nn.Module):
     def _recurrent_step(self, index: int, block: RecurrentBlock, x, one_hot, scale, lower_states):
         """Unroll one recurrent layer; each time step is its own graph, the previous state a constant.
 
-        Step t's target comes from P_i, or from P_{i,t} with `recurrent_projection="per_step"`.
+        Step t's target comes from P_i, or from P_{i,t} with `recurrent_projection="per_step"`; its loss is
+        weighted by `recurrent_step_weights` (the weights sum to 1).
 
         `lower_states` holds the final states of the layers below in the same module, so the top layer can
         hand the module's own `(output, h_n)` to what follows. Returns (local loss, output, states so far).
@@ -123,13 +130,14 @@ class TpSGDModel(nn.Module):
         state = block.initial_state(seq.shape[1], seq)
         outputs, total = [], 0.0
         per_step = self.tpsgd_config.recurrent_projection == "per_step"
+        weights = recurrent_step_weights(self.tpsgd_config.recurrent_step_weights, steps)
         for t in range(steps):
             with self.memory.track(index):
                 new_state = block.cell(seq[t], state)
                 h = new_state[0] if isinstance(new_state, tuple) else new_state
-                value, grad = self._hidden_grad(index, h, one_hot, scale / steps, t if per_step else None)
+                value, grad = self._hidden_grad(index, h, one_hot, scale * weights[t], t if per_step else None)
                 h.backward(grad)
-            total += value / steps
+            total += value * weights[t]
             state = tuple(s.detach() for s in new_state) if isinstance(new_state, tuple) else new_state.detach()
             outputs.append(h.detach())
         out = torch.stack(outputs, dim=1 if module.batch_first else 0)
