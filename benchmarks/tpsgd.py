@@ -32,23 +32,12 @@ from transformers.utils import logging as hf_logging
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hf_lowrank.tpsgd import LastTimeStep, TpSGDConfig, TpSGDTrainer  # noqa: E402
+from hf_lowrank.tpsgd import InputsLabelsDataset, LastTimeStep, TpSGDConfig, TpSGDTrainer  # noqa: E402
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("bp", "tpsgd", "drtp")
 RECURRENT = ("rnn", "gru", "lstm")
-
-
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, inputs, labels):
-        self.inputs, self.labels = inputs, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"inputs": self.inputs[i], "labels": self.labels[i]}
 
 
 def build(arch: str) -> nn.Sequential:
@@ -90,14 +79,14 @@ def trainer_for(arch, method, lr, seed, train, epochs, out, options=None):
                       **(options or {}))
     X, y = train
     trainer = TpSGDTrainer(model=build(arch), args=args, tpsgd_config=cfg,
-                           train_dataset=DictDataset(arch_input(arch, X), y))
+                           train_dataset=InputsLabelsDataset(arch_input(arch, X), y))
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
 def accuracy(trainer, arch, split):
     X, y = split
-    logits = trainer.predict(DictDataset(arch_input(arch, X), y)).predictions
+    logits = trainer.predict(InputsLabelsDataset(arch_input(arch, X), y)).predictions
     return 100.0 * float((logits.argmax(-1) == y.numpy()).mean())
 
 

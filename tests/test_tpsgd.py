@@ -10,19 +10,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from transformers import TrainingArguments
 
-from hf_lowrank.tpsgd import LastTimeStep, TpSGDConfig, TpSGDModel, TpSGDTrainer
+from hf_lowrank.tpsgd import InputsLabelsDataset, LastTimeStep, TpSGDConfig, TpSGDModel, TpSGDTrainer
 from hf_lowrank.tpsgd.projection import local_loss_and_grad, projection_matrix
-
-
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, inputs, labels):
-        self.inputs, self.labels = inputs, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"inputs": self.inputs[i], "labels": self.labels[i]}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +208,7 @@ def test_recurrent_targets_shared_or_per_step(recurrent_projection, step_weights
 
 def _train(tmp_path, net, cfg, X, y, epochs=4, **kw):
     args = make_args(tmp_path, num_train_epochs=epochs, per_device_train_batch_size=32, logging_steps=10, **kw)
-    trainer = TpSGDTrainer(model=net, args=args, tpsgd_config=cfg, train_dataset=DictDataset(X, y))
+    trainer = TpSGDTrainer(model=net, args=args, tpsgd_config=cfg, train_dataset=InputsLabelsDataset(X, y))
     trainer.train()
     return trainer, [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
@@ -228,7 +217,7 @@ def test_loss_falls_on_digits_mlp_and_logs_memory(tmp_path, digits):
     X, y = digits
     trainer, losses = _train(tmp_path, mlp(sizes=(64, 128, 128, 10)), TpSGDConfig(), X[:1200], y[:1200])
     assert losses[-1] < 0.4 * losses[0]
-    logits = trainer.predict(DictDataset(X[1200:], y[1200:])).predictions
+    logits = trainer.predict(InputsLabelsDataset(X[1200:], y[1200:])).predictions
     assert (logits.argmax(-1) == y[1200:].numpy()).mean() > 0.85
     logged = [log for log in trainer.state.log_history if "loss" in log][-1]
     assert logged["peak_saved_activation_bytes"] > 0 and "local_loss_1" in logged
@@ -289,7 +278,7 @@ def test_bad_inputs_give_clear_errors():
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, digits):
     X, y = digits
-    data = DictDataset(X[:192], y[:192])
+    data = InputsLabelsDataset(X[:192], y[:192])
     cfg = TpSGDConfig(optimizer="momentum", seed=3)
 
     def trainer(out, **kw):

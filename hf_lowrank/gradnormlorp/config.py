@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from ..projectors import PROJ_TYPES, PROJECTORS
+from ..utils.targets import normalize_target_modules
 from ..welore.config import LLAMA_PROJECTIONS
 
 
@@ -40,11 +41,7 @@ class GradNormLoRPConfig:
     )
 
     def __post_init__(self):
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-        elif not isinstance(self.target_modules, str):
-            kind = type(self.target_modules).__name__
-            raise TypeError(f"`target_modules` must be a str or a list of str, got {kind}.")
+        self.target_modules = normalize_target_modules(self.target_modules)
         for name in ("rank", "update_proj_gap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -8,7 +8,7 @@ from .config import TpSGDConfig
 from .layers import LastTimeStep, plan_layers
 from .memory import SavedTensorTracker
 from .model import TpSGDModel
-from .trainer import TpSGDTrainer
+from .trainer import InputsLabelsDataset, TpSGDTrainer
 
 
-__all__ = ["LastTimeStep", "SavedTensorTracker", "TpSGDConfig", "TpSGDModel", "TpSGDTrainer", "plan_layers"]
+__all__ = ["InputsLabelsDataset", "LastTimeStep", "SavedTensorTracker", "TpSGDConfig", "TpSGDModel", "TpSGDTrainer", "plan_layers"]

@@ -17,6 +17,21 @@ logger = logging.get_logger(__name__)
 CONFIG_FILE = "tpsgd_config.json"
 
 
+class InputsLabelsDataset(torch.utils.data.Dataset):
+    """Pairs of tensors served as the ``{"inputs", "labels"}`` batches TpSGDTrainer expects."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+        if len(inputs) != len(labels):
+            raise ValueError(f"`inputs` has {len(inputs)} rows but `labels` has {len(labels)}.")
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"inputs": self.inputs[i], "labels": self.labels[i]}
+
+
 class TpSGDTrainer(Trainer):
     """Trainer for `nn.Sequential` classifiers with layer-local updates (tpSGD / DRTP) or backprop (`mode="bp"`).
 

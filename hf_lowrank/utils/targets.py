@@ -13,6 +13,15 @@ import torch.nn as nn
 TargetModules = Union[str, Sequence[str]]
 
 
+def normalize_target_modules(target_modules) -> TargetModules:
+    """Config-time check: a str stays a str, a list/tuple/set becomes a list; anything else is a TypeError."""
+    if isinstance(target_modules, (list, tuple, set)):
+        return list(target_modules)
+    if not isinstance(target_modules, str):
+        raise TypeError(f"`target_modules` must be a str or a list of str, got {type(target_modules).__name__}.")
+    return target_modules
+
+
 def module_matches(name: str, target_modules: TargetModules) -> bool:
     if isinstance(target_modules, str):
         return target_modules == "all-linear" or re.fullmatch(target_modules, name) is not None

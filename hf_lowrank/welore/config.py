@@ -2,6 +2,8 @@
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from ..utils.targets import normalize_target_modules
+
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("welore", "uniform")
@@ -68,11 +70,7 @@ class WeLoreConfig:
     svd_dtype: str = field(default="float32", metadata={"help": "SVD precision: 'float32' or 'float64'."})
 
     def __post_init__(self):
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-        elif not isinstance(self.target_modules, str):
-            kind = type(self.target_modules).__name__
-            raise TypeError(f"`target_modules` must be a str or a list of str, got {kind}.")
+        self.target_modules = normalize_target_modules(self.target_modules)
         if self.method not in METHODS:
             raise ValueError(f"`method`={self.method!r} is not supported; use one of {list(METHODS)}.")
         if (self.rank_reduction is None) == (self.threshold is None):
