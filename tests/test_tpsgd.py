@@ -11,7 +11,7 @@ from torch import nn
 from transformers import TrainingArguments
 
 from hf_lowrank.tpsgd import InputsLabelsDataset, LastTimeStep, TpSGDConfig, TpSGDModel, TpSGDTrainer
-from hf_lowrank.tpsgd.projection import local_loss_and_grad, projection_matrix
+from hf_lowrank.tpsgd.projection import local_loss_and_grad, projection_matrix, task_loss, task_loss_and_grad
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,17 @@ def test_closed_form_local_gradients_match_autograd(loss):
     torch.testing.assert_close(grad, torch.autograd.grad(reference, h)[0])
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "mse"])
+def test_closed_form_task_loss_matches_autograd(loss):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    labels = F.one_hot(torch.tensor([0, 4, 2, 2]), 5).double()
+    reference = task_loss(loss, logits, labels)
+    value, grad = task_loss_and_grad(loss, logits.detach(), labels)
+    torch.testing.assert_close(value, reference.detach())
+    torch.testing.assert_close(grad, torch.autograd.grad(reference, logits)[0])
+
+
 def test_only_one_layer_graph_alive_and_less_than_bp():
     torch.manual_seed(0)
     x, labels = torch.randn(32, 64), torch.randint(0, 10, (32,))
@@ -155,12 +166,14 @@ def test_only_one_layer_graph_alive_and_less_than_bp():
     tp = peaks["tpsgd"]
     assert tp["max_layers_alive"] == 1
     assert set(tp["peak_saved_bytes_per_layer"]) == {0, 1, 2, 3, 4}
-    # a hidden layer saves its input and its tanh output, nothing else (the local loss keeps no graph)
-    assert tp["peak_saved_bytes_per_layer"][1] == 32 * (128 + 128) * 4
+    # a layer saves only its input: the tanh derivative and the local (and task) loss gradients are formed in
+    # the forward pass, so neither the tanh output nor the logits are saved
+    assert tp["peak_saved_bytes_per_layer"] == {0: 32 * 64 * 4, 1: 32 * 128 * 4, 2: 32 * 128 * 4,
+                                                3: 32 * 128 * 4, 4: 32 * 128 * 4}
     # backprop keeps the input and every hidden activation at once
     assert peaks["bp"]["peak_saved_bytes"] >= 32 * (64 + 4 * 128) * 4
-    # tpSGD's peak is one layer's input + output: 2 of the 6 activations backprop holds
-    assert tp["peak_saved_bytes"] == 32 * 256 * 4 < peaks["bp"]["peak_saved_bytes"] / 2
+    # tpSGD's peak is one 128-wide input: 1 of the 5 activations backprop holds (plus BP's logits)
+    assert tp["peak_saved_bytes"] == 32 * 128 * 4 < peaks["bp"]["peak_saved_bytes"] / 4
 
 
 @pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
@@ -305,3 +318,27 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, digits):
     with pytest.raises(ValueError, match="seed: saved 3, now 4"):
         other.train(resume_from_checkpoint=str(ckpt))
     assert os.path.isdir(ckpt)
+
+
+def test_fused_step_matches_autograd_through_the_activation():
+    """The forward-mode derivative of GELU + dropout gives the same gradients as backprop through them, and a
+    conv layer keeps only its input for the update."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GELU(), nn.Dropout(0.3), nn.Flatten(),
+                        nn.Linear(32, 5), nn.Sigmoid()).double()
+    model = TpSGDModel(net, TpSGDConfig(seed=1, num_labels=5)).train()
+    x, labels = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 4, 2])
+    torch.manual_seed(9)
+    model.local_step(x, labels)
+    got = [p.grad.clone() for p in net.parameters()]
+
+    torch.manual_seed(9)  # the same dropout mask
+    y = F.one_hot(labels, 5).double()
+    h = net[2](net[1](net[0](x)))
+    target = torch.tanh(y @ projection_matrix("gaussian", 1.0, 1, 0, 5, 32).double())
+    local = 0.5 * (h.flatten(1) - target).square().sum() / 3
+    task = F.cross_entropy(net[5](net[4](net[3](h.detach()))), y)
+    want = torch.autograd.grad(local, list(net[0].parameters())) + torch.autograd.grad(task, list(net[4].parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert model.memory.report()["peak_saved_bytes_per_layer"][0] == 3 * 16 * 8  # the conv input only

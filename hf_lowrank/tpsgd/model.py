@@ -2,6 +2,7 @@
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -9,16 +10,23 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .config import TpSGDConfig
 from .layers import FeedForwardBlock, LayerPlan, RecurrentBlock, infer_num_labels, plan_layers, run_modules
 from .memory import SavedTensorTracker
-from .projection import local_loss_and_grad, one_hot_labels, projection_matrix, squash
+from .projection import (
+    local_loss_and_grad, one_hot_labels, projection_matrix, squash, task_loss, task_loss_and_grad,
+)
 
 
-def task_loss(name: str, logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
-    """Loss of the output layer, averaged over the batch."""
-    if name == "cross_entropy":
-        return F.cross_entropy(logits, one_hot)
-    if name == "bce":
-        return F.binary_cross_entropy_with_logits(logits, one_hot)
-    return F.mse_loss(logits, one_hot)
+def activate_with_derivative(modules, z: torch.Tensor):
+    """(f(z), f'(z)) for a chain f of element-wise modules (f'(z) is None when there are none).
+
+    Forward-mode AD with a tangent of ones gives the diagonal of f's Jacobian in the same pass as f(z), and
+    saves nothing for a backward pass.
+    """
+    if not modules:
+        return z, None
+    with torch.no_grad(), forward_ad.dual_level():
+        out = run_modules(modules, forward_ad.make_dual(z, torch.ones_like(z)))
+        h, derivative = forward_ad.unpack_dual(out)
+    return h, derivative
 
 
 def recurrent_step_weights(name: str, steps: int) -> List[float]:
@@ -108,12 +116,19 @@ class TpSGDModel(nn.Module):
         return value, grad.view_as(h) * scale
 
     def _feedforward_step(self, index: int, block: FeedForwardBlock, x, one_hot, scale):
+        """Fused local step of Linear/Conv + element-wise activations: only the layer input is kept for the update.
+
+        The activation runs outside autograd with its derivative from forward-mode AD, the local gradient
+        delta = dl/dh * f'(z) is formed right away, and only the Linear/Conv op's graph (which saves its input x
+        for the weight gradient) is backpropagated. The output h is never saved; it goes on to the next layer.
+        """
         with self.memory.track(index):
-            h = run_modules(block.activations, block.module(x))
+            z = block.module(x)
+            h, derivative = activate_with_derivative(block.activations, z.detach())
             value, grad = self._hidden_grad(index, h, one_hot, scale)
-            h.backward(grad)
+            z.backward(grad if derivative is None else grad * derivative)
         with torch.no_grad():
-            return value, run_modules(block.rest, h.detach()).contiguous()
+            return value, run_modules(block.rest, h).contiguous()
 
     def _recurrent_step(self, index: int, block: RecurrentBlock, x, one_hot, scale, lower_states):
         """Unroll one recurrent layer; each time step is its own graph, the previous state a constant.
@@ -170,10 +185,21 @@ class TpSGDModel(nn.Module):
             else:
                 value, x = self._feedforward_step(index, block, x, one_hot, scale)
             local_losses.append(float(value))
+        return self._output_step(x, one_hot, scale), local_losses
+
+    def _output_step(self, x, one_hot, scale):
+        """Last layer on the task loss, differentiated in closed form so its op saves only its input too.
+
+        Modules after the last Linear/Conv (activations, flatten) get a small autograd graph of their own.
+        """
         head = self.plan.output
         with self.memory.track(len(self.plan.hidden)):
-            logits = run_modules(head.rest, run_modules(head.activations, head.module(x)))
+            z = head.module(x)
+            z_free = z.detach().requires_grad_()
+            logits = run_modules(head.rest, run_modules(head.activations, z_free))
             self._check_logits(logits)
-            loss = task_loss(self.tpsgd_config.output_loss, logits, one_hot.to(logits.dtype))
-            (loss * scale).backward()
-        return loss.detach(), local_losses
+            loss, grad = task_loss_and_grad(self.tpsgd_config.output_loss, logits.detach(), one_hot.to(logits.dtype))
+            if logits is not z_free:
+                (grad,) = torch.autograd.grad(logits, z_free, grad)
+            z.backward(grad * scale)
+        return loss

@@ -6,7 +6,10 @@ only what the layer itself saves. Every loss is summed over a layer's units and 
     mse            0.5 * ||h - t||^2       dL/dh = h - t                (the delta rule)
     l1             ||h - t||_1             dL/dh = sign(h - t)
     bce            BCE(sigmoid(h), t)      dL/dh = sigmoid(h) - t
-    cross_entropy  CE(softmax(h), t)       dL/dh = softmax(h) - t       (softmax over all units of the layer)
+    cross_entropy  CE(softmax(h), t)       dL/dh = softmax(h) sum(t) - t  (softmax over all units of the layer)
+
+The task loss of the output layer is differentiated the same way (`task_loss_and_grad`), so the last layer too
+keeps only its input for the weight gradient.
 
 DRTP instead uses dL/dh = y* B, summed (not averaged) over the batch, exactly as its reference code.
 """
@@ -69,7 +72,24 @@ def local_loss_and_grad(loss: str, h: torch.Tensor, target: torch.Tensor):
         return value, (torch.sigmoid(h) - target) / batch
     log_probs = torch.log_softmax(h, dim=-1)
     value = -(target * log_probs).sum() / batch
-    return value, (log_probs.exp() - target) / batch
+    return value, (log_probs.exp() * target.sum(-1, keepdim=True) - target) / batch
+
+
+def task_loss(name: str, logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+    """Loss of the output layer with torch's mean reductions (autograd path: evaluation and the BP baseline)."""
+    if name == "cross_entropy":
+        return F.cross_entropy(logits, one_hot)
+    if name == "bce":
+        return F.binary_cross_entropy_with_logits(logits, one_hot)
+    return F.mse_loss(logits, one_hot)
+
+
+def task_loss_and_grad(name: str, logits: torch.Tensor, one_hot: torch.Tensor):
+    """(`task_loss`, its gradient w.r.t. the logits) in closed form: the per-unit sums of `local_loss_and_grad`
+    rescaled to torch's means (bce and mse average over classes too, and F.mse_loss has no 1/2)."""
+    value, grad = local_loss_and_grad(name, logits, one_hot)
+    factor = {"cross_entropy": 1.0, "bce": 1.0 / logits.shape[1], "mse": 2.0 / logits.shape[1]}[name]
+    return value * factor, grad * factor
 
 
 def one_hot_labels(labels: torch.Tensor, num_labels: int, dtype: torch.dtype) -> torch.Tensor:
