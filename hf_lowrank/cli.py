@@ -7,8 +7,12 @@
     hf-lowrank env
 
 A YAML config names its recipe (``recipe: glue``); the script ``<recipe>.py`` is found beside the ``configs`` folder
-holding the YAML (``recipes/glue.py`` for ``recipes/configs/glue/*.yaml``) and runs in this process (imported from its path), or under
-``accelerate launch`` with ``--launcher accelerate``.
+holding the YAML (``recipes/glue.py`` for ``recipes/configs/glue/*.yaml``) and runs in this process (imported from its
+path), or under ``accelerate launch`` with ``--launcher accelerate``:
+
+    hf-lowrank train recipes/configs/pretrain/llama-60m_galore.yaml --launcher accelerate \
+        --accelerate-config recipes/accelerate/multi_gpu.yaml --num-processes 4
+    hf-lowrank train recipes/configs/pretrain/tiny_galore.yaml --launcher accelerate --num-processes 2   # 2 CPU procs
 """
 from __future__ import annotations
 
@@ -47,16 +51,43 @@ def find_recipe_script(config: Path, recipe: str) -> Path:
     )
 
 
-def run_recipe(config: Path, overrides: list[str], launcher: str = "python", accelerate_config: Optional[str] = None):
-    """Run the YAML's recipe with `overrides`; in-process (returns its metrics) or via `accelerate launch`."""
+def accelerate_command(script: Path, argv: list[str], accelerate_config: Optional[str] = None,
+                       num_processes: Optional[int] = None, main_process_port: Optional[int] = None) -> list[str]:
+    """The ``accelerate launch`` command line running `script` with `argv`.
+
+    Several processes on a machine without a GPU go through accelerate's multi-process (torchrun) launcher: its
+    ``--cpu`` launcher starts a single process whatever ``--num_processes`` says. Each worker then picks the
+    CPU/gloo backend itself, because the recipes' TrainingArguments set ``use_cpu`` when no GPU is present.
+    """
+    import torch
+
+    if accelerate_config and not Path(accelerate_config).is_file():
+        raise FileNotFoundError(f"accelerate config {accelerate_config!r} does not exist; shipped ones are in "
+                                "recipes/accelerate/ (cpu.yaml, single_gpu.yaml, multi_gpu.yaml, fsdp.yaml).")
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        command += ["--config_file", str(accelerate_config)]
+    if num_processes is not None:
+        command += ["--num_processes", str(num_processes)]
+        if num_processes > 1 and not torch.cuda.is_available():
+            command.append("--multi_gpu")
+    if main_process_port is not None:
+        command += ["--main_process_port", str(main_process_port)]
+    return [*command, str(script), *argv]
+
+
+def run_recipe(config: Path, overrides: list[str], launcher: str = "python", accelerate_config: Optional[str] = None,
+               num_processes: Optional[int] = None, main_process_port: Optional[int] = None):
+    """Run the YAML's recipe with `overrides`; in-process (returns its metrics) or via `accelerate launch` (returns
+    None; read the results JSON)."""
     script = find_recipe_script(config, read_recipe_name(config))
     argv = ["--config", str(config), *overrides]
     if launcher == "accelerate":
-        command = [sys.executable, "-m", "accelerate.commands.launch"]
-        if accelerate_config:
-            command += ["--config_file", accelerate_config]
-        subprocess.run([*command, str(script), *argv], check=True)
+        subprocess.run(accelerate_command(script, argv, accelerate_config, num_processes, main_process_port),
+                       check=True)
         return None
+    if accelerate_config or num_processes is not None or main_process_port is not None:
+        raise ValueError("--accelerate-config, --num-processes and --main-process-port need --launcher accelerate.")
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(script), *argv]
     name = f"hf_lowrank_recipes.{script.stem}"
@@ -126,17 +157,13 @@ def compare(config: Path, modes: list[str], overrides: list[str], results_dir: s
 
 
 def environment() -> dict:
-    from importlib import metadata
-
     import torch
 
-    info = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("hf_lowrank", "torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub",
-                "bitsandbytes", "safetensors"):
-        try:
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = "not installed"
+    from hf_lowrank.hub import package_versions
+
+    versions = package_versions()
+    info = {"python": versions.pop("python"), "platform": platform.platform()}
+    info.update({name: version or "not installed" for name, version in versions.items()})
     info["cpu_count"] = os.cpu_count()
     info["torch_threads"] = torch.get_num_threads()
     info["cuda"] = (
@@ -175,6 +202,13 @@ def _card(args):
         print(card)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-lowrank", description="Memory-efficient training recipes and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", type=Path, help="recipes/configs/<recipe>/<model>_<mode>.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=2e-5")
-        p.add_argument("--launcher", choices=("python", "accelerate"), default="python")
+        p.add_argument("--launcher", choices=("python", "accelerate"), default="python",
+                       help="python: run in this process; accelerate: `accelerate launch` the recipe script")
         p.add_argument("--accelerate-config", help="accelerate YAML, e.g. recipes/accelerate/multi_gpu.yaml")
+        p.add_argument("--num-processes", type=_positive_int,
+                       help="processes to launch (GPUs; CPU processes on a machine without GPUs)")
+        p.add_argument("--main-process-port", type=_positive_int, help="rendezvous port of a multi-process run")
     p = sub.add_parser("compare", help="run several modes on one config; write a table and a plot")
     p.add_argument("config", type=Path)
     p.add_argument("overrides", nargs="*")
@@ -211,7 +249,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command in ("train", "eval"):
             overrides = list(args.overrides) + (["do_train=false"] if args.command == "eval" else [])
-            run_recipe(args.config, overrides, args.launcher, args.accelerate_config)
+            run_recipe(args.config, overrides, args.launcher, args.accelerate_config, args.num_processes,
+                       args.main_process_port)
         elif args.command == "compare":
             if args.modes == "all":
                 from hf_lowrank.optim import available_modes

@@ -1,18 +1,22 @@
-"""Hub-ready checkpoints: safetensors weights, a model card rendered from a recipe's results JSON, and upload.
+"""Hub-ready checkpoints: safetensors weights, model cards, and upload.
 
     from hf_lowrank import hub
     hub.save_pretrained(model, "outputs/sst2", tokenizer=tok, results="results/sst2--galore--minilm.json")
     hub.push_to_hub("outputs/sst2", "me/minilm-sst2-galore")
 
-Cards use ``huggingface_hub.ModelCard``/``ModelCardData``/``EvalResult`` (metadata the Hub indexes: base model,
-datasets, eval results) and the Jinja template in ``model_cards/``. An existing README.md is updated, not replaced:
-only the block between the ``hf_lowrank`` markers and the metadata we own are rewritten.
+Every card, a recipe's (from its results JSON) and a tuner's (WeLore, GradNormLoRP), goes through one renderer,
+:func:`render_card`: ``huggingface_hub.ModelCard``/``ModelCardData``/``EvalResult`` for the metadata the Hub indexes
+(base model, datasets, eval results) and the Jinja template shipped as package data
+(``hf_lowrank/templates/model_card.md``, read with ``importlib.resources``). An existing README.md is updated, not
+replaced: only the block between the ``hf_lowrank`` markers and the metadata we own are rewritten.
 """
 from __future__ import annotations
 
 import json
+import platform
 import re
 from dataclasses import dataclass
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,10 +27,29 @@ from .utils import require
 
 logger = logging.get_logger(__name__)
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_cards"
-DEFAULT_TEMPLATE = "hf_lowrank.md"
+TEMPLATE_PACKAGE = "hf_lowrank"
+TEMPLATE_FILE = ("templates", "model_card.md")
 RESULTS_FILE = "hf_lowrank_results.json"
+FRAMEWORK_PACKAGES = ("hf_lowrank", "torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub",
+                      "bitsandbytes", "safetensors")
 _BLOCK = re.compile(r"<!-- hf_lowrank:begin -->.*<!-- hf_lowrank:end -->", re.S)
+
+
+def default_template() -> str:
+    """Text of the model-card template shipped inside the package (works from a wheel as from a checkout)."""
+    folder, name = TEMPLATE_FILE
+    return (resources.files(TEMPLATE_PACKAGE) / folder / name).read_text(encoding="utf-8")
+
+
+def package_versions(packages: tuple[str, ...] = FRAMEWORK_PACKAGES) -> dict[str, Optional[str]]:
+    """Python and installed package versions (None for a package that is not installed)."""
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,15 @@ METHODS = {
         "Edward J. and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and Wang, Shean and "
         "Wang, Lu and Chen, Weizhu},\n  booktitle={International Conference on Learning Representations},\n  year={2022}\n}",
     ),
+    # Tuners (model surgery, hf_lowrank.tuners).
+    "welore": Method(
+        "WeLore", "one-shot SVD truncation of the layers whose weights are low-rank; only their factors train",
+        "https://arxiv.org/abs/2407.11239",
+    ),
+    "gradnormlorp": Method(
+        "GradNormLoRP", "weight-normalised linears (W = m * V/||V||) whose direction gradients are projected to low rank",
+        "https://arxiv.org/abs/2412.19616",
+    ),
 }
 # Offline model names used by the recipes → their Hub ids (for the card's base_model).
 KNOWN_BASE_MODELS = {
@@ -93,7 +125,8 @@ def _load_results(results: Union[dict, str, Path]) -> dict:
     return json.loads(path.read_text())
 
 
-def _base_model(name: Optional[str]) -> Optional[str]:
+def hub_base_model(name: Optional[str]) -> Optional[str]:
+    """The Hub id to put in a card's ``base_model``: offline aliases mapped, local folders and non-ids dropped."""
     if not name or Path(name).exists():
         return None
     name = KNOWN_BASE_MODELS.get(name, name)
@@ -129,7 +162,7 @@ def card_data(results: dict, repo_id: Optional[str] = None, license: Optional[st
     method = method_for(run["mode"])
     return ModelCardData(
         model_name=repo_id or run["run_name"],
-        base_model=_base_model(config.get("model_name_or_path")),
+        base_model=hub_base_model(config.get("model_name_or_path")),
         datasets=[dataset_id] if dataset_id else None,
         eval_results=eval_results or None,
         library_name="peft" if run["mode"] == "lora" else "transformers",
@@ -139,20 +172,63 @@ def card_data(results: dict, repo_id: Optional[str] = None, license: Optional[st
     )
 
 
+# Optional template sections of render_card and their empty values.
+_SECTIONS = {"mode": None, "base_model": None, "task_description": None, "details": (), "hyperparameters": (),
+             "metrics": (), "resources": (), "usage": None, "command": None, "versions": None, "git_sha": None}
+
+
+def render_card(
+    data,
+    *,
+    title: str,
+    summary: str,
+    method: Method,
+    template_path: Optional[Union[str, Path]] = None,
+    **sections,
+):
+    """The one model-card renderer (recipe results and tuners alike).
+
+    `data` (a ``ModelCardData``) becomes the YAML header; `title`, `summary`, `method` and the optional `sections`
+    (``mode``, ``task_description``, ``details`` (markdown lines), ``hyperparameters``/``metrics``/``resources``
+    ((name, value) rows), ``usage`` (Python), ``command`` (shell), ``versions``, ``git_sha``) fill the template
+    shipped in the package, or the one at `template_path`. Sections left out are omitted from the card.
+    """
+    require("jinja2", "hub", "Rendering model cards")
+    from huggingface_hub import ModelCard
+
+    if template_path is not None:
+        template_path = Path(template_path)
+        if not template_path.is_file():
+            raise FileNotFoundError(f"Model-card template {str(template_path)!r} not found; pass an existing file "
+                                    "as template_path=, or leave it out for the shipped template.")
+        template = template_path.read_text(encoding="utf-8")
+    else:
+        template = default_template()
+    unknown = set(sections) - _SECTIONS.keys()
+    if unknown:
+        raise TypeError(f"Unknown model-card sections {sorted(unknown)}; valid: {', '.join(sorted(_SECTIONS))}.")
+    values = {**_SECTIONS, "base_model": data.base_model, "versions": package_versions(), **sections}
+    return ModelCard.from_template(
+        data,
+        template_str=template,
+        model_id=title,
+        summary=summary,
+        method_name=method.name,
+        method_description=method.description,
+        paper=method.paper,
+        citations=[method.citation] if method.citation else [],
+        **values,
+    )
+
+
 def render_model_card(
     results: Union[dict, str, Path],
     repo_id: Optional[str] = None,
     template_path: Optional[Union[str, Path]] = None,
     license: Optional[str] = None,
 ):
-    """Render a ModelCard from a results record (dict, results JSON file, or a saved output folder)."""
-    require("jinja2", "hub", "Rendering model cards")
-    from huggingface_hub import ModelCard
-
+    """Render a recipe run's ModelCard from its results record (dict, results JSON file, or a saved output folder)."""
     results = _load_results(results)
-    template_path = Path(template_path) if template_path else TEMPLATE_DIR / DEFAULT_TEMPLATE
-    if not template_path.is_file():
-        raise FileNotFoundError(f"Model-card template {str(template_path)!r} not found; pass template_path=.")
     run, info, meta = results["run_info"], results["train_info"], results["meta_info"]
     config = run.get("config", {})
     data = card_data(results, repo_id, license)
@@ -166,36 +242,35 @@ def render_model_card(
         if k in config and not (k in low_rank_only and run["mode"] in ("adamw", "lora"))
         and not (k.startswith("lora_") and run["mode"] != "lora")
     ]
-    resources = [
+    system = meta["system"]
+    device = ("GPU: " + system.get("device_name", "") if system.get("cuda")
+              else f"CPU ({system.get('torch_threads')} threads)")
+    if system.get("world_size", 1) > 1:
+        device += f" x {system['world_size']} processes"
+    resources_ = [
         ("optimizer state", _mb(info.get("optimizer_state_bytes"))),
         ("peak memory", f"{_mb(info.get('peak_memory_bytes'))} ({info.get('peak_memory_source', 'n/a')})"),
         ("trainable / total parameters", f"{info.get('trainable_params', 0):,} / {info.get('total_params', 0):,}"),
         ("median step time", f"{info['step_time_median_s']:.3f} s" if info.get("step_time_median_s") else "n/a"),
         ("training steps", info.get("steps", "n/a")),
-        ("device", "GPU: " + meta["system"].get("device_name", "") if meta["system"].get("cuda") else
-         f"CPU ({meta['system'].get('torch_threads')} threads)"),
+        ("device", device),
     ]
     main = info.get("main_metric")
     headline = f" {main} = {_fmt_metric(info['metrics'][main])}." if main in info.get("metrics", {}) else ""
-    task_description = f"{run['recipe']} / {run['task']}" + (f" ({data.datasets[0]})" if data.datasets else "")
-    return ModelCard.from_template(
+    return render_card(
         data,
-        template_path=str(template_path),
-        model_id=repo_id or run["run_name"],
+        title=repo_id or run["run_name"],
         summary=f"`{run['task']}` model trained with **{method.name}** (`hf_lowrank` mode `{run['mode']}`).{headline}",
-        method_name=method.name,
-        method_description=method.description,
-        paper=method.paper,
+        method=method,
+        template_path=template_path,
         mode=run["mode"],
-        base_model=data.base_model,
-        task_description=task_description,
+        task_description=f"{run['recipe']} / {run['task']}" + (f" ({data.datasets[0]})" if data.datasets else ""),
         hyperparameters=hyper,
         metrics=[(k, _fmt_metric(v)) for k, v in sorted(info.get("metrics", {}).items())],
-        resources=resources,
+        resources=resources_,
         command=run.get("command") or "",
         versions=meta.get("versions", {}),
         git_sha=meta.get("git_sha"),
-        citations=[method.citation] if method.citation else [],
     )
 
 

@@ -186,8 +186,9 @@ class TunerModel(nn.Module):
             "trainable": sum(p.numel() for p in params if p.requires_grad),
         }
 
-    def save_pretrained(self, save_directory: str, **_ignored) -> None:
-        """Write ``hf_lowrank_config.json``, ``model.safetensors`` (tuner tensors only) and ``README.md``."""
+    def save_pretrained(self, save_directory: str, repo_id: str | None = None, **_ignored) -> None:
+        """Write ``hf_lowrank_config.json``, ``model.safetensors`` (tuner tensors only) and ``README.md`` (its card
+        names `repo_id` when given)."""
         from hf_lowrank import __version__
 
         os.makedirs(save_directory, exist_ok=True)
@@ -202,7 +203,7 @@ class TunerModel(nn.Module):
             json.dump(payload, f, indent=2, sort_keys=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tuner_state_dict().items()}
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        self.model_card().save(os.path.join(save_directory, "README.md"))
+        self.model_card(repo_id).save(os.path.join(save_directory, "README.md"))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str):
@@ -233,34 +234,45 @@ class TunerModel(nn.Module):
         config = getattr(self.model, "config", None)
         return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
 
-    def model_card(self):
-        """A Hub model card (YAML metadata + a short summary of the method, ranks and parameter counts)."""
-        from huggingface_hub import ModelCard, ModelCardData
+    def model_card(self, repo_id: str | None = None):
+        """A Hub model card (metadata, method, parameter counts, :meth:`card_details`, how to load), rendered by
+        :func:`hf_lowrank.hub.render_card` like every other card of the library."""
+        from huggingface_hub import ModelCardData
+
+        from . import hub
 
         base = self._base_model_name()
+        method = hub.method_for(self.method)
+        counts = self.parameter_counts()
+        saved_bytes = sum(t.numel() * t.element_size() for t in self.tuner_state_dict().values())
         data = ModelCardData(
+            model_name=repo_id,
             library_name="hf_lowrank",
             tags=sorted({"hf_lowrank", self.method}),
-            base_model=base if base and not os.path.isabs(base) else None,
+            base_model=hub.hub_base_model(base),
         )
-        counts = self.parameter_counts()
-        lines = [
-            f"# {self.method} model (hf_lowrank)",
-            "",
-            f"Built with `hf_lowrank` on top of `{base or 'a transformers model'}`.",
-            "",
-            f"- Parameters: {counts['total']:,} total, {counts['trainable']:,} trainable",
-            *self.card_details(),
-            "",
-            "## Load",
-            "",
-            "```python",
-            "from hf_lowrank.tuners import load_tuner",
-            "model = load_tuner(base_model, \"<this repo, downloaded>\")",
-            "dense = model.merge_and_unload()  # a plain transformers model",
-            "```",
-        ]
-        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+        return hub.render_card(
+            data,
+            title=repo_id or f"{method.name} model (hf_lowrank)",
+            summary=f"{f'`{base}`' if base else 'A transformers model'} rebuilt with the **{method.name}** tuner of "
+                    f"`hf_lowrank` (`{self.method}`).",
+            method=method,
+            details=self.card_details(),
+            resources=[
+                ("total parameters", f"{counts['total']:,}"),
+                ("trainable parameters", f"{counts['trainable']:,}"),
+                ("saved tuner tensors", f"{saved_bytes / 2**20:,.1f} MB"),
+            ],
+            usage="\n".join([
+                "from huggingface_hub import snapshot_download",
+                "from transformers import AutoModelForCausalLM  # or the base model's own Auto class",
+                "from hf_lowrank.tuners import load_tuner",
+                "",
+                f"base_model = AutoModelForCausalLM.from_pretrained({data.base_model or '<base model>'!r})",
+                f"model = load_tuner(base_model, snapshot_download({repo_id or '<this repo>'!r}))",
+                "dense = model.merge_and_unload()  # a plain transformers model",
+            ]),
+        )
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str | None = None, revision: str | None = None) -> Any:
@@ -270,7 +282,7 @@ class TunerModel(nn.Module):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp_dir:
-            self.save_pretrained(tmp_dir)
+            self.save_pretrained(tmp_dir, repo_id=repo_id)
             return api.upload_folder(
                 repo_id=repo_id, folder_path=tmp_dir, revision=revision,
                 commit_message=commit_message or f"Upload {self.method} tuner",

@@ -545,15 +545,16 @@ def git_sha() -> Optional[str]:
 
 
 def versions() -> dict:
-    from importlib import metadata
+    from hf_lowrank.hub import package_versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("hf_lowrank", "torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub", "bitsandbytes"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions()
+
+
+def world_size() -> int:
+    """Processes of the (data-parallel) run: 1 unless launched with torchrun / accelerate launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def device_info() -> dict:
@@ -563,6 +564,7 @@ def device_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "world_size": world_size(),
     }
     if torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(0)

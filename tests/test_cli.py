@@ -1,6 +1,8 @@
 """`hf-lowrank` CLI: train / eval / compare / card / env, and clean errors for bad input."""
 import json
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from hf_lowrank import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "pretrain" / "tiny_galore.yaml"
+ACCELERATE = ROOT / "recipes" / "accelerate"
 FAST = ["max_steps=3", "batch_size=2", "max_seq_length=16", "eval_batches=1", "eval_batch_size=2", "rank=4",
         "model_config.num_hidden_layers=1", "model_config.hidden_size=32", "model_config.intermediate_size=64",
         "progress=false"]
@@ -19,6 +22,58 @@ def test_train_runs_the_recipe_named_in_the_yaml(tmp_path):
     assert cli.main(["train", str(TINY), f"results_dir={tmp_path}", *FAST]) == 0
     record = json.loads((tmp_path / "tinyshakespeare--galore--tiny.json").read_text())
     assert record["train_info"]["steps"] == 3 and record["run_info"]["config"]["rank"] == 4
+    assert record["meta_info"]["system"]["world_size"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_accelerate_launcher_runs_two_cpu_processes(tmp_path, monkeypatch):
+    """`--launcher accelerate --num-processes 2` really starts two data-parallel workers on a machine without GPU."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code = cli.main(["train", str(TINY), "--launcher", "accelerate", "--accelerate-config", str(ACCELERATE / "cpu.yaml"),
+                     "--num-processes", "2", "--main-process-port", str(_free_port()), f"results_dir={tmp_path}", *FAST])
+    assert code == 0
+    (path,) = tmp_path.glob("*.json")  # only the main process writes results
+    record = json.loads(path.read_text())
+    assert path.name == "tinyshakespeare--galore--tiny.json"
+    assert record["meta_info"]["system"]["world_size"] == 2 and not record["meta_info"]["system"]["cuda"]
+    assert record["train_info"]["steps"] == 3 and record["train_info"]["metrics"]["perplexity"] > 1
+    assert record["run_info"]["config"]["rank"] == 4
+
+
+def test_accelerate_command_line(tmp_path):
+    script = ROOT / "recipes" / "pretrain.py"
+    command = cli.accelerate_command(script, ["--config", "x.yaml"], str(ACCELERATE / "cpu.yaml"), 2, 29999)
+    launch = command[command.index("accelerate.commands.launch") + 1: command.index(str(script))]
+    assert launch == ["--config_file", str(ACCELERATE / "cpu.yaml"), "--num_processes", "2", "--multi_gpu",
+                      "--main_process_port", "29999"]
+    assert command[command.index(str(script)) + 1:] == ["--config", "x.yaml"]
+    assert "--multi_gpu" not in cli.accelerate_command(script, [], num_processes=1)
+
+
+SHIPPED_ACCELERATE = {"cpu.yaml": ("NO", 1), "single_gpu.yaml": ("NO", 1), "multi_gpu.yaml": ("MULTI_GPU", 8),
+                      "fsdp.yaml": ("FSDP", 8)}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_ACCELERATE))
+def test_shipped_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    assert {p.name for p in ACCELERATE.glob("*.yaml")} == set(SHIPPED_ACCELERATE)
+    path = ACCELERATE / name
+    config = load_config_from_file(str(path))  # ClusterConfig(**yaml): an unknown top-level key raises
+    assert (config.distributed_type.value, config.num_processes) == SHIPPED_ACCELERATE[name]
+    launch_options = {action.dest for action in launch_command_parser()._actions}
+    assert set(config.fsdp_config) <= launch_options  # accelerate silently ignores misspelt fsdp keys
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    referenced = re.findall(r"recipes/[\w./-]+\.(?:py|yaml)", header)
+    assert referenced and all((ROOT / ref).is_file() for ref in referenced), referenced
 
 
 def test_eval_skips_training_and_copied_configs_find_their_recipe(tmp_path, monkeypatch):
@@ -37,6 +92,8 @@ def test_eval_skips_training_and_copied_configs_find_their_recipe(tmp_path, monk
     (["compare", str(TINY), "--modes", "adamw,nope"], "Unknown mode 'nope'"),
     (["card", "/nonexistent.json"], "does not exist"),
     (["card", "x.json", "--push"], "--push needs --repo-id"),
+    (["train", str(TINY), "--num-processes", "2"], "need --launcher accelerate"),
+    (["train", str(TINY), "--launcher", "accelerate", "--accelerate-config", "/nonexistent.yaml"], "does not exist"),
 ])
 def test_errors_are_one_line_messages(args, message, capsys):
     assert cli.main(args) == 2

@@ -1,5 +1,12 @@
 """hf_lowrank.hub: model cards from results JSON, safetensors saves, README merging, push_to_hub up to the upload."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib import resources
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, ModelCard
@@ -88,3 +95,56 @@ def test_push_to_hub_calls_the_standard_api(tmp_path, tiny_llama, monkeypatch):
     assert hub.push_to_hub(tmp_path, "me/tiny", private=True) == "commit-url"
     assert calls[0] == ("create", "me/tiny", {"private": True, "exist_ok": True})
     assert calls[1][1]["repo_id"] == "me/tiny" and calls[1][1]["folder_path"] == str(tmp_path)
+
+
+def test_tuner_and_recipe_cards_share_one_renderer(tiny_llama, monkeypatch):
+    from hf_lowrank.welore import WeLoreConfig, compress
+
+    rendered = []
+    real = hub.render_card
+    monkeypatch.setattr(hub, "render_card", lambda *a, **k: rendered.append(k["method"].name) or real(*a, **k))
+    tuner = compress(tiny_llama, WeLoreConfig(rank_reduction=0.5))
+    card = tuner.model_card("me/tiny-welore")
+    hub.validate_card(card)
+    assert rendered == ["WeLore"]
+    assert card.data.library_name == "hf_lowrank" and card.data.model_name == "me/tiny-welore"
+    assert card.data.base_model is None  # a model built from a config has no Hub base
+    text = card.text
+    assert "<!-- hf_lowrank:begin -->" in text and "arxiv.org/abs/2407.11239" in text
+    assert f"| trainable parameters | {tuner.parameter_counts()['trainable']:,} |" in text
+    assert "load_tuner(base_model, snapshot_download('me/tiny-welore'))" in text
+    assert "### Framework versions" in text and "- torch " in text and "## Reproduce" not in text
+    hub.render_model_card(results_record())
+    assert rendered == ["WeLore", "GaLore"]
+
+
+def test_render_card_rejects_unknown_sections_and_missing_templates():
+    from huggingface_hub import ModelCardData
+
+    args = dict(title="t", summary="s", method=hub.method_for("galore"))
+    with pytest.raises(TypeError, match="Unknown model-card sections \\['metricz'\\]"):
+        hub.render_card(ModelCardData(), metricz=[("accuracy", 1.0)], **args)
+    with pytest.raises(FileNotFoundError, match="template"):
+        hub.render_card(ModelCardData(), template_path="/nonexistent/card.md", **args)
+
+
+def test_template_is_package_data_of_the_built_wheel(tmp_path):
+    """`pip install hf_lowrank` users get the template: it is in the wheel and found through importlib.resources."""
+    shipped = (resources.files("hf_lowrank") / "templates" / "model_card.md").read_text(encoding="utf-8")
+    assert shipped == hub.default_template() and "<!-- hf_lowrank:begin -->" in shipped
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "hf_lowrank", source / "hf_lowrank", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    build = "import setuptools.build_meta as backend; print(backend.build_wheel('dist'))"
+    wheel = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True, check=True)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(source / "dist" / wheel.stdout.strip().splitlines()[-1]) as archive:
+        assert "hf_lowrank/templates/model_card.md" in archive.namelist()
+        archive.extractall(site)
+    probe = "import hf_lowrank, hf_lowrank.hub as hub; print(hf_lowrank.__file__); print(len(hub.default_template()))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    package_file, size = out.stdout.split()
+    assert Path(package_file).is_relative_to(site) and int(size) == len(shipped)
