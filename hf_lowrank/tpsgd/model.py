@@ -40,7 +40,9 @@ class TpSGDModel(nn.Module):
 
     `forward(inputs, labels)` is the ordinary network (used for evaluation and the BP baseline);
     `local_step(inputs, labels)` runs tpSGD/DRTP: one layer at a time, forward, local gradient, graph freed.
-    The P matrices are rebuilt from `config.seed` on first use and never enter `state_dict`.
+    A Linear/Conv layer keeps only its input for the update (the fused step below), so the peak saved
+    activation is the widest layer input, max_i n_{i-1}, against backprop's sum_i n_i; a recurrent layer keeps
+    one time step's cell graph. The P matrices are rebuilt from `config.seed` on first use and never enter `state_dict`.
     """
 
     def __init__(self, network: nn.Sequential, config: Optional[TpSGDConfig] = None):
