@@ -91,7 +91,8 @@ METHODS = {
         "https://arxiv.org/abs/2407.11239",
     ),
     "gradnormlorp": Method(
-        "GradNormLoRP", "weight-normalised linears (W = m * V/||V||) whose direction gradients are projected to low rank",
+        "GradNormLoRP",
+        "weight-normalised linears (W = m * V/||V||) whose direction gradients are projected to low rank",
         "https://arxiv.org/abs/2412.19616",
     ),
 }
@@ -190,8 +191,9 @@ def render_card(
 
     `data` (a ``ModelCardData``) becomes the YAML header; `title`, `summary`, `method` and the optional `sections`
     (``mode``, ``task_description``, ``details`` (markdown lines), ``hyperparameters``/``metrics``/``resources``
-    ((name, value) rows), ``usage`` (Python), ``command`` (shell), ``versions``, ``git_sha``) fill the template
-    shipped in the package, or the one at `template_path`. Sections left out are omitted from the card.
+    ((name, value) rows), ``usage`` (Python), ``command`` (shell), ``versions`` (default: the installed ones),
+    ``git_sha``) fill the template shipped in the package, or the one at `template_path`. Sections left out are
+    omitted from the card.
     """
     require("jinja2", "hub", "Rendering model cards")
     from huggingface_hub import ModelCard

@@ -35,8 +35,9 @@ def _free_port() -> int:
 def test_accelerate_launcher_runs_two_cpu_processes(tmp_path, monkeypatch):
     """`--launcher accelerate --num-processes 2` really starts two data-parallel workers on a machine without GPU."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    code = cli.main(["train", str(TINY), "--launcher", "accelerate", "--accelerate-config", str(ACCELERATE / "cpu.yaml"),
-                     "--num-processes", "2", "--main-process-port", str(_free_port()), f"results_dir={tmp_path}", *FAST])
+    launch = ["--launcher", "accelerate", "--accelerate-config", str(ACCELERATE / "cpu.yaml"), "--num-processes", "2",
+              "--main-process-port", str(_free_port())]
+    code = cli.main(["train", str(TINY), *launch, f"results_dir={tmp_path}", *FAST])
     assert code == 0
     (path,) = tmp_path.glob("*.json")  # only the main process writes results
     record = json.loads(path.read_text())
