@@ -189,6 +189,8 @@ def run_archs(args):
                     for a, b, c in itertools.product(args.recurrent_projections, args.step_weights,
                                                      args.projection_scales)
                 ]
+            elif method == "tpsgd" and len(args.projection_scales) > 1:
+                option_grid = [(("projection_scale", c),) for c in args.projection_scales]
             grid = [(lr, options) for lr in args.lrs for options in option_grid]
             val = {grid[0]: float("nan")}
             for lr, options in grid if len(grid) > 1 else []:
@@ -239,8 +241,8 @@ def main():
                         help="TpSGDConfig.recurrent_projection grid for tpSGD on recurrent archs (validation split)")
     parser.add_argument("--step-weights", nargs="+", default=["uniform", "linear"], choices=["uniform", "linear"],
                         help="TpSGDConfig.recurrent_step_weights grid for tpSGD on recurrent archs")
-    parser.add_argument("--projection-scales", nargs="+", type=float, default=[1.0, 0.5],
-                        help="TpSGDConfig.projection_scale grid for tpSGD on recurrent archs")
+    parser.add_argument("--projection-scales", nargs="+", type=float, default=[1.0],
+                        help="TpSGDConfig.projection_scale grid for tpSGD (validation split)")
     parser.add_argument("--val-seeds", type=int, default=3,
                         help="seeds averaged per grid point on the validation split (seed noise is 1-3 pt)")
     parser.add_argument("--partial", action="store_true",
@@ -324,8 +326,8 @@ Made with exactly these commands (1 thread, `nice -n 5`, on the shared 2-core CP
 ```
 python benchmarks/tpsgd.py --depth-sweep
 python benchmarks/tpsgd.py --partial --archs mlp cnn
-python benchmarks/tpsgd.py --partial --dataset mnist --archs mlp --epochs 5
-python benchmarks/tpsgd.py --partial --archs rnn gru lstm gru2 --recurrent-projections per_step
+python benchmarks/tpsgd.py --partial --archs rnn gru lstm gru2 --recurrent-projections per_step --projection-scales 1 0.5
+python benchmarks/tpsgd.py --partial --dataset mnist --archs mlp --epochs 5 --lrs 1e-3 3e-3 --projection-scales 1 4 --val-seeds 2
 python benchmarks/tpsgd.py --merge-only
 ```
 
@@ -338,13 +340,16 @@ mnist: the 10k MNIST test images in `data/mnist` (the training images are not av
 state to FC 10; gru2: two stacked GRU layers of 128 (each trained on its own targets, no BPTT). L counts the
 trained layers.
 
-**Training.** Every run goes through `TpSGDTrainer` with the same `TrainingArguments` (Adam, batch 32, constant lr
-3e-3, no clipping), only `TpSGDConfig.mode` differs; cross-entropy output loss. tpSGD: MSE local loss, tanh
-targets, gaussian P. DRTP: kaiming-uniform B, gradient labels @ B summed over the batch, as its reference code.
-Test accuracy is the mean ± std over seeds 0..4 (model init, P, data order). For tpSGD on recurrent nets the
-target options (recurrent_step_weights uniform/linear x projection_scale 1/0.5, with one P per time step) are
-picked on a 25% validation split of train, mean of 3 seeds (listed under Validation); BP and DRTP have none.
-Step time: median of 30 optimizer steps per method, timed round-robin on the same batches, over BP's.
+**Training.** Every run goes through `TpSGDTrainer` with the same `TrainingArguments` (Adam, batch 32, constant lr,
+no clipping), only `TpSGDConfig.mode` differs; cross-entropy output loss. tpSGD: MSE local loss, tanh targets,
+gaussian P (scale 1 unless chosen otherwise). DRTP: kaiming-uniform B, gradient labels @ B summed over the batch,
+as its reference code. Test accuracy is the mean ± std over seeds 0..4 (model init, P, data order). digits: lr
+3e-3 for every method (it won for all three on the MLP's validation split). Options are picked on a 25%
+validation split of train (mean over `--val-seeds` seeds, listed under Validation): on the recurrent nets
+tpSGD's recurrent_step_weights (uniform/linear) x projection_scale (1/0.5), with one P per time step; on MNIST
+the lr (1e-3/3e-3) of every method and tpSGD's projection_scale (1/4). Step time: median of 30 optimizer steps
+per method, timed round-robin on the same batches, over BP's; at batch 32 these small nets are dominated by
+per-op overhead, and the shared CPU makes the ratios noisy (about ±0.2).
 
 {table}
 
@@ -385,7 +390,15 @@ row. In that full-grid validation (3 seeds, GRU) a shared P scored 73.6-78.6% fo
 per-step P 91.0-92.9%, so the rows here search only per-step P. DRTP keeps its definition (one B per layer,
 shared over time) and fails on the recurrent nets.
 
-## Validation (tpSGD, recurrent nets; mean accuracy % over 3 seeds)
+## MNIST targets
+
+A first MNIST run with the digits settings (lr 3e-3, P scale 1, no search) gave BP 93.78 ± 0.66, tpSGD 89.43 ±
+1.13 (-4.35 pt) and DRTP 92.06 ± 0.37: with 784 inputs, scale-1 targets tanh(y P) are soft and tpSGD fell below
+DRTP. One-seed probes on the validation split (tpSGD, 5 epochs): P scale 0.25 / 0.5 / 1 / 2 / 4 gave 84.4 / 85.1
+/ 88.5 / 90.1 / 90.6%, lr 1e-3 89.6%, lr 1e-2 81.8%, BCE local loss 89.9%, DRTP 91.3%. The row above searches
+lr and P scale for all methods on validation, as listed below.
+
+## Validation (mean accuracy % on the validation split)
 
 {validation}
 """
