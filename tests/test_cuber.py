@@ -223,6 +223,29 @@ def test_cuber_records_correlations_and_reports_memory(tmp_path):
         assert parts["task_grads"] == sum(64 * b.shape[1] * 4 for b in layer.task_bases)
 
 
+def test_backward_transfer_only_in_selected_layers(tmp_path):
+    """Training the same data twice is positively correlated everywhere; only the selected layers may use it."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    trainer = make_trainer(tmp_path, model, strategy="cuber", energy_threshold=0.9, backward_transfer_modules=["lin1"],
+                           freeze_unprojected_after_first_task=False)
+    task = low_rank_task(0)
+    trainer.train_task("first", task, task)
+    head_before = model.head.weight.detach().clone()
+    union = trainer.memory.layers["head"].union
+    trainer.train_task("again", task, task)
+    regimes = {name: [t["regime"] for t in tests] for name, tests in trainer.correlation_history[0]["layers"].items()}
+    assert regimes == {"lin1": [REGIME_POSITIVE], "lin2": [REGIME_POSITIVE], "head": [REGIME_POSITIVE]}
+    projections = trainer._projection.projections
+    assert projections["lin1"].allowed is not None
+    assert projections["lin2"].allowed is None and projections["head"].allowed is None
+    # the head was GPM-projected: its update has no component in the old task's subspace
+    assert ((model.head.weight.detach() - head_before) @ union).abs().max() < 1e-5
+    assert (model.head.weight.detach() - head_before).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="backward_transfer_modules"):
+        make_trainer(tmp_path, TinyNet(), strategy="cuber", backward_transfer_modules=["decoder"])
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_acc_bwt_from_hand_made_matrix(tmp_path):
     rows = [[0.9], [0.8, 0.7], [0.85, 0.6, 0.95]]
@@ -306,10 +329,16 @@ def test_transformer_linear_layers_use_token_rows(tmp_path):
     (dict(strategy="gpm", forward_transfer=True), "forward_transfer"),
     (dict(trust_region_size=0), "trust_region_size"),
     (dict(scale_learning_rate=0.0), "scale_learning_rate"),
+    (dict(strategy="gpm", backward_transfer_modules=["lin1"]), "backward_transfer_modules"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ContinualConfig(**kwargs)
+
+
+def test_config_rejects_string_backward_transfer_modules():
+    with pytest.raises(TypeError, match="backward_transfer_modules"):
+        ContinualConfig(backward_transfer_modules="lin1")
 
 
 def test_trainer_rejects_bad_input(tmp_path):
@@ -406,7 +435,7 @@ def test_forward_transfer_trains_scales_keeps_old_task_and_resumes(tmp_path):
     torch.testing.assert_close(resumed.memory.layers["lin1"].task_scales[1][0], q)
 
 
-def test_benchmark_graded_sequence_is_one_noise_family_of_decreasing_strength():
+def load_benchmark():
     import importlib.util
     from pathlib import Path
 
@@ -414,6 +443,37 @@ def test_benchmark_graded_sequence_is_one_noise_family_of_decreasing_strength():
     spec = importlib.util.spec_from_file_location("cuber_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_validation_split_is_held_out_of_training_data():
+    bench = load_benchmark()
+    full = bench.make_sequence("graded", seed=3)
+    held_out = bench.make_sequence("graded", seed=3, validation=True)
+    for (task_id, train, test), (val_id, fit, val) in zip(full, held_out):
+        assert task_id == val_id and len(fit) + len(val) == len(train)
+        assert len(val) == pytest.approx(0.2 * len(train), abs=1)
+        rows = lambda d: {tuple(r) for r in d.x.numpy().round(5).tolist()}  # noqa: E731
+        assert rows(fit) | rows(val) == rows(train) and not rows(fit) & rows(val)
+        assert not rows(val) & rows(test)  # the test split is never used for a choice
+        assert set(val.y.tolist()) == set(range(10))  # stratified
+
+
+def test_benchmark_permuted_mnist_from_the_shipped_test_set():
+    bench = load_benchmark()
+    x_train, x_test, y_train, y_test = bench.load_mnist_split()
+    assert x_train.shape == (8000, 784) and x_test.shape == (2000, 784)
+    np.testing.assert_array_equal(np.bincount(y_test), np.round(np.bincount(np.r_[y_train, y_test]) / 5).astype(int))
+    tasks = bench.make_sequence("pmnist", seed=0)
+    assert len(tasks) == 5
+    first_train, second_train = tasks[0][1], tasks[1][1]
+    # the same images under another pixel permutation: equal sorted pixels, different layout
+    torch.testing.assert_close(first_train.x.sort(1).values, second_train.x.sort(1).values)
+    assert not torch.equal(first_train.x, second_train.x) and torch.equal(first_train.y, second_train.y)
+
+
+def test_benchmark_graded_sequence_is_one_noise_family_of_decreasing_strength():
+    bench = load_benchmark()
     graded = bench.make_sequence("graded", seed=0)
     clean_test = bench.make_sequence("correlated", seed=0)[0][2]
     assert len(graded) == 5

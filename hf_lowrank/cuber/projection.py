@@ -9,7 +9,11 @@ gradient ``g`` (taken single-shot at the start of the task on a sample of its da
   gradient stored at the end of its training. To first order an SGD step ``-η g`` restricted to ``S_j`` then
   *lowers* old task ``j``'s loss by ``η <g B_j, g_j B_j>``, so the update is allowed there: backward transfer.
 
-Choices the paper leaves open, made here (and tested):
+Source: the paper body (Algorithm 1) was not available to us offline; only its abstract ("sufficient projection"
+and "positive correlation", tested layer-wise) and the code of TRGP, the authors' base, were. The test and the
+update below follow those; every choice we had to make is listed here and covered by ``tests/test_cuber.py``.
+
+Choices the paper leaves open (or that we could not check against it), made here (and tested):
 
 - the allowed subspace ``A`` is the span of the regime-3 bases *minus* the span of every other old task's basis,
   so protected tasks keep GPM's guarantee even when their subspaces overlap a regime-3 one;
@@ -20,7 +24,12 @@ Choices the paper leaves open, made here (and tested):
   On the correlated digits sequence it lowered both ACC and BWT (the stored ``g_j`` is a noisy, stale estimate), so
   the default follows the paper's task-level test (at task start and every epoch) only;
 - ``g_j`` is the gradient of task ``j``'s loss at the end of task ``j`` on its representation sample, stored only as
-  its projection ``g_j B_j`` (``out x r_j``); the test needs nothing else.
+  its projection ``g_j B_j`` (``out x r_j``); the test needs nothing else;
+- backward transfer can be limited to some layers (``backward_transfer_modules``); a *shared* output head should be
+  left out: every old task's head subspace is then (nearly) the whole feature space (projection ratio >= 0.95 for
+  every old task on the digits sequences, so ``ε_1`` cannot discriminate) and moving it changes every old task's
+  decisions directly. Measured on the mixed-distortion digits sequence (5 seeds): backward transfer at the head
+  only, BWT -8.0; at the hidden layers only, -3.4; at all layers, -4.5; GPM -4.7.
 """
 from dataclasses import dataclass
 

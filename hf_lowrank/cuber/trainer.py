@@ -81,6 +81,7 @@ class ContinualTrainer(Trainer):
             {name: weight_matrix(m.weight).shape[1] for name, m in self.target_layers.items()},
             keep_task_statistics=config.strategy == "cuber",
         )
+        self.backward_layers = self._backward_transfer_layers()
         self.accuracy = AccuracyMatrix()
         self.correlation_history: list[dict] = []
         self._eval_sets: dict = {}
@@ -221,6 +222,18 @@ class ContinualTrainer(Trainer):
                 f"{type(self.model).__name__}.forward does not accept it; add that argument or set `task_kwarg`."
             )
 
+    def _backward_transfer_layers(self) -> set:
+        """Target layers where CUBER may keep updates inside positively correlated old subspaces."""
+        selected = self.continual_config.backward_transfer_modules
+        if selected is None:
+            return set(self.target_layers)
+        layers = {name for name in self.target_layers if module_matches(name, selected)}
+        if not layers:
+            raise ValueError(
+                f"`backward_transfer_modules`={selected!r} matched none of the target layers {list(self.target_layers)}."
+            )
+        return layers
+
     def _frozen_parameters(self) -> list:
         config = self.continual_config
         if not config.freeze_unprojected_after_first_task:
@@ -286,7 +299,8 @@ class ContinualTrainer(Trainer):
                     correlation_test(grads[name], basis, old_grad, config.epsilon_1, config.epsilon_2)
                     for basis, old_grad in zip(layer.task_bases, layer.task_grads)
                 ]
-                positives[name] = [j for j, t in enumerate(tests) if t.regime == REGIME_POSITIVE]
+                if name in self.backward_layers:
+                    positives[name] = [j for j, t in enumerate(tests) if t.regime == REGIME_POSITIVE]
                 record["layers"][name] = [
                     {"old_task": j, "ratio": t.projection_ratio, "cosine": t.cosine, "regime": t.regime}
                     for j, t in enumerate(tests)
