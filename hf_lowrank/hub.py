@@ -22,7 +22,6 @@ from typing import Optional, Union
 
 from transformers.utils import logging
 
-from .utils import require
 
 
 logger = logging.get_logger(__name__)
@@ -195,7 +194,6 @@ def render_card(
     ``git_sha``) fill the template shipped in the package, or the one at `template_path`. Sections left out are
     omitted from the card.
     """
-    require("jinja2", "hub", "Rendering model cards")
     from huggingface_hub import ModelCard
 
     if template_path is not None:
