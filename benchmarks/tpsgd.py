@@ -444,8 +444,9 @@ def plot(rows, depth):
     for ax, title in ((axes[0], "test accuracy (%)"), (axes[1], "peak saved activations / BP")):
         ax.set_xticks(range(len(cases)), labels, fontsize=8)
         ax.set_title(title)
-        ax.legend(loc="upper right", fontsize=8)
-    axes[0].set_ylim(0, 100)
+        ax.legend(loc="upper center", ncol=4, fontsize=8)
+    axes[0].set_ylim(0, 115)
+    axes[1].set_ylim(0, 1.2)
     if depth:
         Ls = [d["L"] for d in depth]
         axes[2].plot(Ls, [d["tpsgd"] / d["bp"] for d in depth], "o-", label="tpSGD (fused step)")
