@@ -3,6 +3,7 @@
 Every benchmark prints a markdown table and writes ``<out_dir>/<name>.md`` and ``<out_dir>/<name>.png``.
 Timings are only ever reported as ratios measured side by side in one process (see :func:`interleaved_times`).
 """
+import gzip
 import os
 import statistics
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -17,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 CORPUS_DIR = REPO_ROOT / "data" / "text" / "tinyshakespeare"
+MNIST_DIR = REPO_ROOT / "data" / "mnist"
 
 # LLaMA configurations of the GaLore paper (configs/llama_*.json of jiaweizzhao/GaLore) and the ranks of its
 # Table 2. Note: the 1B config has 32 heads and 24 layers (head count does not change any parameter shape).
@@ -164,3 +167,13 @@ def command_line(name: str, argv: Sequence[str] | None) -> str:
     """The command that reproduces a run, recorded in the results file."""
     args = sys.argv[1:] if argv is None else list(argv)
     return " ".join(["python", f"benchmarks/{name}.py", *args])
+
+
+def load_mnist_test_set() -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 MNIST test images, the only MNIST split shipped (data/mnist/README.md), read from their IDX gzip
+    files: (N, 784) uint8 pixels and int64 labels. Callers normalise and split."""
+    with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
+    with gzip.open(MNIST_DIR / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    return images, labels

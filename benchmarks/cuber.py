@@ -27,7 +27,6 @@ the same x epsilon_2 {0, 0.2}.
     python benchmarks/cuber.py --seeds 2 --sequences correlated --strategies gpm cuber cuber+trgp --name cuber_trgp
 """
 import argparse
-import gzip
 import itertools
 import json
 import os
@@ -45,11 +44,11 @@ from sklearn.model_selection import train_test_split
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import load_mnist_test_set  # noqa: E402
 from hf_lowrank.cuber import AccuracyMatrix, ContinualConfig, ContinualTrainer  # noqa: E402
 
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
-MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
 # cuber+trgp: with TRGP forward transfer, scale lr 1e-3 (0.1 diverges, 0.01 hurts: measured); not run by default
 # graded: one distortion family (additive Gaussian pixel noise) at decreasing strength, so tasks grow more similar
 GRADED_NOISE = (6.0, 5.0, 4.0, 3.0, 2.0)
@@ -117,10 +116,7 @@ def _distort(images: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndar
 def load_mnist_split():
     """MNIST's test set (the only part available offline) split 8k train / 2k test, stratified, seed 0; GPM's
     normalisation (mean 0.1307, std 0.3081 of pixel/255)."""
-    with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(MNIST_DIR / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    images, labels = load_mnist_test_set()
     x = (images.astype(np.float32) / 255.0 - 0.1307) / 0.3081
     return train_test_split(x, labels, test_size=2000, random_state=0, stratify=labels)
 

@@ -20,7 +20,6 @@ For recurrent archs tpSGD also picks its target options on the same validation s
 `projection_scale`; DRTP keeps its definition (one kaiming-uniform B per layer) and BP has no targets.
 """
 import argparse
-import gzip
 import itertools
 import json
 import os
@@ -39,6 +38,7 @@ from transformers.utils import logging as hf_logging
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import load_mnist_test_set  # noqa: E402
 from hf_lowrank.tpsgd import (  # noqa: E402
     InputsLabelsDataset, LastTimeStep, TpSGDConfig, TpSGDModel, TpSGDTrainer,
 )
@@ -46,7 +46,6 @@ from hf_lowrank.tpsgd import (  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-MNIST = os.path.join(ROOT, "data", "mnist")
 METHODS = ("bp", "tpsgd", "drtp")
 RECURRENT = ("rnn", "gru", "lstm", "gru2")
 ARCHS = ("mlp", "cnn") + RECURRENT
@@ -80,18 +79,10 @@ def arch_input(arch: str, X: torch.Tensor) -> torch.Tensor:
     return X.view(-1, 1, side, side) if arch == "cnn" else X
 
 
-def load_mnist():
-    """The 10k MNIST test images (IDX gzip files in data/mnist) as (N, 784) floats in [0, 1] and labels."""
-    with gzip.open(os.path.join(MNIST, "t10k-images-idx3-ubyte.gz")) as f:
-        X = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(os.path.join(MNIST, "t10k-labels-idx1-ubyte.gz")) as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
-    return (X / 255.0).astype(np.float32), y.astype(np.int64)
-
-
 def data(dataset="digits", seed=0):
     if dataset == "mnist":
-        X, y = load_mnist()
+        X, y = load_mnist_test_set()
+        X = (X / 255.0).astype(np.float32)
         test_size = 2000
     else:
         X, y = load_digits(return_X_y=True)

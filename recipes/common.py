@@ -544,12 +544,6 @@ def git_sha() -> Optional[str]:
         return None
 
 
-def versions() -> dict:
-    from hf_lowrank.hub import package_versions
-
-    return package_versions()
-
-
 def world_size() -> int:
     """Processes of the (data-parallel) run: 1 unless launched with torchrun / accelerate launch."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -604,6 +598,8 @@ def build_results(
     error: Optional[str] = None,
 ) -> dict:
     """The results record: run_info (what ran), train_info (what it measured), meta_info (where it ran)."""
+    from hf_lowrank.hub import package_versions
+
     train_info: dict = {"metrics": dict(metrics), "main_metric": main_metric}
     if meter is not None:
         train_info.update(meter.summary(examples_per_step, tokens_per_step))
@@ -626,7 +622,7 @@ def build_results(
             "error": error,
         },
         "train_info": train_info,
-        "meta_info": {"versions": versions(), "git_sha": git_sha(), "system": device_info()},
+        "meta_info": {"versions": package_versions(), "git_sha": git_sha(), "system": device_info()},
     })
 
 

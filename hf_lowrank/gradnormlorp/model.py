@@ -72,7 +72,6 @@ class GradNormLoRPModel(TunerModel):
         return [
             f"- GradNormLoRP on {len(self.targets)} linear layers: W = m ⊙ V/‖V‖, direction gradients "
             f"projected to rank {c.rank} ({c.projector}, refresh every {c.update_proj_gap} steps, scale {c.scale})",
-            "- Paper: [GradNormLoRP](https://arxiv.org/abs/2412.19616)",
         ]
 
 

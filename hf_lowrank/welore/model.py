@@ -242,7 +242,6 @@ class WeLoreModel(TunerModel):
             f"- WeLore ({self.tuner_config.method}): threshold τ = {self.threshold}, effective rank reduction "
             f"{self.achieved_rank_reduction:.1%}, {len(lrcs)}/{self.num_targeted} targeted matrices are low-rank "
             f"components (min_ratio {self.tuner_config.min_ratio})",
-            "- Paper: [From GaLore to WeLore](https://arxiv.org/abs/2407.11239)",
         ]
 
 
