@@ -219,13 +219,15 @@ def candidates(strategy: str):
     return [(None, {})]
 
 
-def select(sequence: str, strategy: str, args, log):
-    """Best ``(thresholds, overrides)`` by mean validation ACC over the validation seeds; records every candidate."""
+def select(sequence: str, strategy: str, args, log, fixed=None):
+    """Best ``(thresholds, overrides)`` by mean validation ACC over the validation seeds (``fixed`` overrides apply
+    to every candidate); records every candidate."""
     best, best_acc = None, -1.0
     for thresholds, overrides in candidates(strategy):
         accs, bwts = [], []
         for seed in range(1000, 1000 + args.val_seeds):
-            matrix, _ = run_one(sequence, strategy, seed, args.epochs, args.lr, thresholds, validation=True, **overrides)
+            matrix, _ = run_one(sequence, strategy, seed, args.epochs, args.lr, thresholds, validation=True,
+                                **(fixed or {}), **overrides)
             accs.append(matrix.acc() * 100)
             bwts.append(matrix.bwt() * 100)
         log.append((sequence, strategy, describe(thresholds, overrides), np.mean(accs), np.mean(bwts)))
@@ -254,6 +256,9 @@ def main(argv=None):
                              "turns --select off")
     parser.add_argument("--no-select", dest="select", action="store_false",
                         help="use the default hyper-parameters on the correlated/graded sequences too")
+    parser.add_argument("--gradient-holdout", type=float, default=0.0,
+                        help="CUBER's ContinualConfig.gradient_holdout (fraction of each task's training images kept "
+                             "out of training for the stored gradient); 0 = off")
     parser.add_argument("--val-seeds", type=int, default=3, help="seeds of the validation runs (1000, 1001, ...)")
     parser.add_argument("--mnist-seeds", type=int, default=3)
     parser.add_argument("--mnist-epochs", type=int, default=1, help="epochs per permuted-MNIST task (GPM: 5)")
@@ -275,8 +280,11 @@ def main(argv=None):
         seeds, epochs, lr = (args.mnist_seeds, args.mnist_epochs, args.mnist_lr) if mnist else (args.seeds, args.epochs, args.lr)
         for strategy in args.strategies:
             thresholds, overrides = args.thresholds, {}
+            if args.gradient_holdout and strategy.startswith("cuber"):
+                overrides = {"gradient_holdout": args.gradient_holdout}
             if args.select and args.thresholds is None and sequence in SELECTED_SEQUENCES and strategy in ("gpm", "cuber"):
-                thresholds, overrides = select(sequence, strategy, args, validation_log)
+                thresholds, selected = select(sequence, strategy, args, validation_log, overrides)
+                overrides = {**overrides, **selected}
                 chosen[(sequence, strategy)] = describe(thresholds, overrides)
             accs, bwts = [], []
             for seed in range(seeds):

@@ -246,6 +246,22 @@ def test_backward_transfer_only_in_selected_layers(tmp_path):
         make_trainer(tmp_path, TinyNet(), strategy="cuber", backward_transfer_modules=["decoder"])
 
 
+def test_gradient_holdout_trains_on_the_rest_and_stores_the_held_out_gradient(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    trainer = make_trainer(tmp_path, model, strategy="cuber", energy_threshold=0.9, gradient_holdout=0.25)
+    task = low_rank_task(0, n=40)
+    trainer.train_task("first", task, task)
+    assert len(trainer.train_dataset) == 30
+    trained = {int(i) for i in trainer.train_dataset.indices}
+    held_out = sorted(set(range(40)) - trained)
+    assert len(held_out) == 10
+    model.eval()  # the stored g_j is the mean-loss gradient on exactly the held-out examples, projected on B_j
+    loss = model(task.x[held_out], labels=task.y[held_out])["loss"]
+    expected = torch.autograd.grad(loss, model.lin1.weight)[0] @ trainer.memory.layers["lin1"].task_bases[0]
+    torch.testing.assert_close(trainer.memory.layers["lin1"].task_grads[0], expected, atol=1e-6, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_acc_bwt_from_hand_made_matrix(tmp_path):
     rows = [[0.9], [0.8, 0.7], [0.85, 0.6, 0.95]]
@@ -330,6 +346,8 @@ def test_transformer_linear_layers_use_token_rows(tmp_path):
     (dict(trust_region_size=0), "trust_region_size"),
     (dict(scale_learning_rate=0.0), "scale_learning_rate"),
     (dict(strategy="gpm", backward_transfer_modules=["lin1"]), "backward_transfer_modules"),
+    (dict(gradient_holdout=0.6), "gradient_holdout"),
+    (dict(strategy="gpm", gradient_holdout=0.2), "gradient_holdout"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -111,6 +111,13 @@ class ContinualConfig:
         metadata={"help": "Also project the optimizer's update after the step. Needed for Adam-type optimizers "
                   "and weight decay, whose elementwise scaling leaves the projected subspace."},
     )
+    gradient_holdout: float = field(
+        default=0.0,
+        metadata={"help": "CUBER: fraction of each task's training examples kept out of its training and used only "
+                  "for the stored gradient g_j at the end of the task. A task trained to convergence has a near-"
+                  "zero, noisy gradient on its own training examples; on unseen examples g_j points where its "
+                  "generalisation loss falls, which is what the correlation test needs. In [0, 0.5]; 0 = off."},
+    )
     representation_samples: int = field(
         default=300,
         metadata={"help": "Training examples per task used for the representation matrix, the stored old-task "
@@ -143,6 +150,11 @@ class ContinualConfig:
         _check_unit_interval("epsilon_2", self.epsilon_2, allow_zero=True)
         if not isinstance(self.backward_scale, (int, float)) or self.backward_scale < 0:
             raise ValueError(f"`backward_scale` must be a non-negative number, got {self.backward_scale!r}.")
+        if not isinstance(self.gradient_holdout, (int, float)) or not 0.0 <= self.gradient_holdout <= 0.5:
+            raise ValueError(f"`gradient_holdout` must be in [0, 0.5] (a fraction of each task's training set), "
+                             f"got {self.gradient_holdout!r}.")
+        if self.gradient_holdout and self.strategy != "cuber":
+            raise ValueError("`gradient_holdout` needs `strategy='cuber'` (only CUBER stores old-task gradients).")
         if self.backward_transfer_modules is not None:
             if self.strategy != "cuber":
                 raise ValueError("`backward_transfer_modules` needs `strategy='cuber'`.")

@@ -23,8 +23,10 @@ Choices the paper leaves open (or that we could not check against it), made here
   ``<g P_A B_j, g_j B_j> < 0`` for some regime-3 task ``j`` (first-order harm) keeps nothing in ``A`` for that step.
   On the correlated digits sequence it lowered both ACC and BWT (the stored ``g_j`` is a noisy, stale estimate), so
   the default follows the paper's task-level test (at task start and every epoch) only;
-- ``g_j`` is the gradient of task ``j``'s loss at the end of task ``j`` on its representation sample, stored only as
-  its projection ``g_j B_j`` (``out x r_j``); the test needs nothing else;
+- ``g_j`` is the gradient of task ``j``'s loss at the end of task ``j``, stored only as its projection ``g_j B_j``
+  (``out x r_j``); the test needs nothing else. By default it is taken on the task's representation sample (training
+  examples); ``gradient_holdout`` takes it on training examples kept out of training instead (after convergence the
+  training-set gradient is near zero and mostly noise);
 - backward transfer can be limited to some layers (``backward_transfer_modules``); a *shared* output head should be
   left out: every old task's head subspace is then (nearly) the whole feature space (projection ratio >= 0.95 for
   every old task on the digits sequences, so ``ε_1`` cannot discriminate) and moving it changes every old task's

@@ -113,6 +113,7 @@ class ContinualTrainer(Trainer):
         index = len(self.accuracy.task_ids)
         set_seed(self.args.seed + index)
         self._task_index = index
+        train_dataset, gradient_dataset = self._split_gradient_holdout(train_dataset, seed=self.args.seed + index)
         self.train_dataset = train_dataset
         self.optimizer, self.lr_scheduler = None, None
         self._sample = self._sample_loader(train_dataset, seed=self.args.seed + index)
@@ -130,7 +131,11 @@ class ContinualTrainer(Trainer):
         try:
             self.train()
             if config.strategy != "finetune":
-                covariances, grads = self._sample_statistics(record=True, need_grads=config.strategy == "cuber")
+                covariances, grads = self._sample_statistics(
+                    record=True, need_grads=config.strategy == "cuber" and gradient_dataset is None)
+                if gradient_dataset is not None:
+                    _, grads = self._sample_statistics(
+                        record=False, loader=self._sample_loader(gradient_dataset, seed=self.args.seed + index))
                 names = list(self.target_layers)
                 thresholds = {n: config.threshold_for(i, n, len(names), index) for i, n in enumerate(names)}
                 scales = self._scaled.stored() if self._scaled is not None else None
@@ -259,19 +264,33 @@ class ContinualTrainer(Trainer):
         subset = dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
         return self.get_eval_dataloader(subset)
 
-    def _sample_statistics(self, record: bool, need_grads: bool = True):
-        """One pass over the task's sample at the current weights: input covariances of the target layers (if
-        ``record``) and the mean-loss gradient of their weights (if ``need_grads``). Leaves ``.grad`` untouched."""
+    def _split_gradient_holdout(self, dataset, seed: int):
+        """``(examples to train on, examples for the stored gradient or None)`` per ``gradient_holdout``."""
+        fraction = self.continual_config.gradient_holdout
+        count = int(round(fraction * len(dataset)))
+        if count == 0:
+            return dataset, None
+        if count == len(dataset):
+            raise ValueError(f"`gradient_holdout`={fraction} leaves no training example in a task of {len(dataset)}.")
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+        pick = lambda idx: dataset.select(idx) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, idx)  # noqa: E731
+        return pick(sorted(order[count:])), pick(sorted(order[:count]))
+
+    def _sample_statistics(self, record: bool, need_grads: bool = True, loader=None):
+        """One pass over ``loader`` (default: the task's sample) at the current weights: input covariances of the
+        target layers (if ``record``) and the mean-loss gradient of their weights (if ``need_grads``). Leaves
+        ``.grad`` untouched."""
+        loader = loader or self._sample
         model = self.model
         was_training = model.training
         model.eval()
         weights = [m.weight for m in self.target_layers.values()]
         grads = [torch.zeros_like(w) for w in weights] if need_grads else None
-        total = len(self._sample.dataset)
+        total = len(loader.dataset)
         recorder = RepresentationRecorder(list(self.target_layers.items()))
         with torch.enable_grad() if need_grads else torch.no_grad():
             with recorder if record else nullcontext():
-                for batch in self._sample:
+                for batch in loader:
                     inputs = self._prepare_inputs(batch)
                     if not need_grads:
                         model(**inputs)
