@@ -66,6 +66,21 @@ def test_projected_group_rejects_non_matrices():
         ProjectedOptimizer([{"params": [torch.nn.Parameter(torch.zeros(4))], "rank": 2}])
 
 
+def test_projected_group_rejects_sharded_parameters():
+    """FSDP2 parameters are DTensors: a shard's gradient projected is not GaLore's projection of the matrix."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        with pytest.raises(ValueError, match=r"sharded parameter.*FSDP2.*DDP"):
+            ProjectedOptimizer([{"params": [weight], "rank": 2}])
+    finally:
+        dist.destroy_process_group()
+
+
 def test_galore_8bit_without_bitsandbytes_names_the_extra(model, monkeypatch):
     import hf_lowrank.utils.imports as imports
 

@@ -96,11 +96,27 @@ def _validate_group(group: dict) -> None:
     if group["residual_lr_scale"] < 0:
         raise ValueError(f"`residual_lr_scale` must be >= 0, got {group['residual_lr_scale']}.")
     for p in group["params"]:
+        if _is_sharded(p):
+            raise ValueError(
+                f"A group with `rank` holds a sharded parameter (a DTensor of global shape {tuple(p.shape)}, e.g. "
+                "from FSDP2's fully_shard): projecting one shard's gradient is not the projection of the matrix. "
+                "Train low-rank modes with DDP (recipes/accelerate/multi_gpu.yaml) or use a full-rank mode under FSDP."
+            )
         if p.dim() != 2:
             raise ValueError(
                 f"A group with `rank` holds a parameter of shape {tuple(p.shape)}; only 2-D weights can be projected. "
-                "Put it in a group without `rank` (a plain group)."
+                "Put it in a group without `rank` (a plain group); under FSDP1 every parameter is a 1-D flat shard, "
+                "so train low-rank modes with DDP instead."
             )
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a distributed tensor (FSDP2 / tensor parallel), whose local data is only a shard."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
