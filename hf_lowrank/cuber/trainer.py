@@ -39,6 +39,11 @@ STATE_FILE = "continual_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def _subset(dataset, indices: list[int]):
+    """The examples ``indices`` of a map-style dataset (``datasets.Dataset.select`` when it has it)."""
+    return dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
+
+
 class _EpochCorrelationCheck(TrainerCallback):
     """CUBER re-tests the correlation at the start of every epoch after the first."""
 
@@ -111,12 +116,13 @@ class ContinualTrainer(Trainer):
             raise ValueError(f"`eval_dataset` of task {task_id!r} is empty; pass None to skip its evaluation.")
         config = self.continual_config
         index = len(self.accuracy.task_ids)
-        set_seed(self.args.seed + index)
+        seed = self.args.seed + index
+        set_seed(seed)
         self._task_index = index
-        train_dataset, gradient_dataset = self._split_gradient_holdout(train_dataset, seed=self.args.seed + index)
+        train_dataset, gradient_dataset = self._split_gradient_holdout(train_dataset, seed=seed)
         self.train_dataset = train_dataset
         self.optimizer, self.lr_scheduler = None, None
-        self._sample = self._sample_loader(train_dataset, seed=self.args.seed + index)
+        self._sample = self._sample_loader(train_dataset, seed=seed)
         self._projection = None
         if config.strategy != "finetune" and index > 0:
             self._projection = GradientProjection(
@@ -135,7 +141,7 @@ class ContinualTrainer(Trainer):
                     record=True, need_grads=config.strategy == "cuber" and gradient_dataset is None)
                 if gradient_dataset is not None:
                     _, grads = self._sample_statistics(
-                        record=False, loader=self._sample_loader(gradient_dataset, seed=self.args.seed + index))
+                        record=False, loader=self._sample_loader(gradient_dataset, seed=seed))
                 names = list(self.target_layers)
                 thresholds = {n: config.threshold_for(i, n, len(names), index) for i, n in enumerate(names)}
                 scales = self._scaled.stored() if self._scaled is not None else None
@@ -261,8 +267,7 @@ class ContinualTrainer(Trainer):
         """Data loader over at most ``representation_samples`` training examples (seeded choice)."""
         count = min(self.continual_config.representation_samples, len(dataset))
         indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-        subset = dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
-        return self.get_eval_dataloader(subset)
+        return self.get_eval_dataloader(_subset(dataset, indices))
 
     def _split_gradient_holdout(self, dataset, seed: int):
         """``(examples to train on, examples for the stored gradient or None)`` per ``gradient_holdout``."""
@@ -273,8 +278,7 @@ class ContinualTrainer(Trainer):
         if count == len(dataset):
             raise ValueError(f"`gradient_holdout`={fraction} leaves no training example in a task of {len(dataset)}.")
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-        pick = lambda idx: dataset.select(idx) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, idx)  # noqa: E731
-        return pick(sorted(order[count:])), pick(sorted(order[:count]))
+        return _subset(dataset, sorted(order[count:])), _subset(dataset, sorted(order[:count]))
 
     def _sample_statistics(self, record: bool, need_grads: bool = True, loader=None):
         """One pass over ``loader`` (default: the task's sample) at the current weights: input covariances of the
