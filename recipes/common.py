@@ -527,6 +527,18 @@ def fit(cfg: RecipeConfig, model, optimizer, train_dataset, data_collator=None, 
     return trainer, meter
 
 
+def run_script(main) -> None:
+    """Entry point of a launched recipe: run ``main`` and, once every worker is done, tear the process group down.
+
+    Without the teardown a DDP worker can exit while its gloo threads are still alive and abort with
+    "terminate called without an active exception" (SIGABRT), failing a run that finished correctly.
+    """
+    main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Results files
 # ---------------------------------------------------------------------------------------------------------------
