@@ -153,3 +153,24 @@ def test_lora_arm_freezes_the_base_model(tiny_llama):
     layers, hidden = 2, 64
     assert trainable == layers * 2 * (4 * hidden + hidden * 4)  # A (r×in) + B (out×r) on q and v
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == trainable < total
+
+
+def test_run_script_tears_the_process_group_down_after_main():
+    """A launched recipe leaves no live process group behind (a live gloo group can abort the worker at exit)."""
+    import torch.distributed as dist
+
+    calls = []
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        common.run_script(lambda: calls.append("main"))
+        assert calls == ["main"]
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_run_script_without_a_process_group_just_runs_main():
+    calls = []
+    common.run_script(lambda: calls.append("main"))
+    assert calls == ["main"]
