@@ -209,24 +209,23 @@ def test_state_dict_round_trip_weights_only_and_resume(models):
     assert_same_parameters(reference, model, rtol=0, atol=0)
 
 
-def test_ddp_is_refused(models, monkeypatch):
-    _, model = models
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    with pytest.raises(NotImplementedError, match="layerwise=False"):
-        make_layerwise(make_optimizer(model), model)
-
-
-def test_ddp_set_up_after_the_optimizer_is_refused_at_the_first_step(models, monkeypatch):
+def test_multi_process_without_ddp_or_fsdp2_is_refused_at_the_first_backward(models, monkeypatch):
     _, model = models
     optimizer = make_layerwise(make_optimizer(model), model)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
     try:
-        with pytest.raises(NotImplementedError, match="world_size=2"):
+        with pytest.raises(RuntimeError, match="neither in a DDP-wrapped model nor an FSDP2 shard"):
             backward(model, batches(1)[0])
     finally:
         optimizer.remove_hooks()
+
+
+def test_an_optimizer_that_skips_whole_steps_is_refused(models):
+    _, model = models
+    with pytest.raises(ValueError, match="nonfinite='skip_step'.*'skip_param'"):
+        make_layerwise(create_optimizer(model, "galore", rank=8, nonfinite="skip_step"), model)
 
 
 def test_remove_hooks_leaves_gradients_alone(models):

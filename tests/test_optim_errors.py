@@ -36,7 +36,8 @@ def test_target_modules_matching_nothing(model):
     ({"residual": "sign"}, r"`residual`='sign'; use one of \['none', 'signsgd', 'sgd'\]"),
     ({"rnak": 8}, r"Unknown option\(s\) \['rnak'\] for mode 'galore'"),
     ({"sign_convention": "up"}, r"`sign_convention`='up'"),
-    ({"nonfinite": "ignore"}, r"`nonfinite`='ignore'; use one of \['skip', 'raise'\]"),
+    ({"nonfinite": "ignore"}, r"`nonfinite`='ignore'; use one of \['skip_step', 'skip_param', 'raise'\]"),
+    ({"distributed": "on"}, r"`distributed`='on'; use one of \['auto', 'off'\]"),
     ({"lr": -1.0}, r"`lr` must be >= 0"),
     ({"betas": (0.9, 1.0)}, r"`betas` must be two numbers in \[0, 1\)"),
     ({"density": 0.3, "rank": None, "projector": "svd"}, None),  # valid: rank follows density
@@ -66,17 +67,25 @@ def test_projected_group_rejects_non_matrices():
         ProjectedOptimizer([{"params": [torch.nn.Parameter(torch.zeros(4))], "rank": 2}])
 
 
-def test_projected_group_rejects_sharded_parameters():
-    """FSDP2 parameters are DTensors: a shard's gradient projected is not GaLore's projection of the matrix."""
+def test_unsupported_dtensor_layouts_and_inners_are_refused_at_the_first_step():
+    """FSDP2's Shard(0) on a 1-D mesh is supported; other layouts and block-wise / factored inners say so."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(0)]))
-        with pytest.raises(ValueError, match=r"sharded parameter.*FSDP2.*DDP"):
-            ProjectedOptimizer([{"params": [weight], "rank": 2}])
+        mesh = init_device_mesh("cpu", (1,))
+        cases = [([Replicate()], "adamw", r"sharded on dim 0 over a 1-D mesh.*HSDP / tensor parallel"),
+                 ([Shard(1)], "adamw", r"sharded on dim 0 over a 1-D mesh"),
+                 ([Shard(0)], "adafactor", r"inner='adafactor' is not supported on FSDP2-sharded parameters"),
+                 ([Shard(0)], "adamw8bit", r"inner='adamw8bit' is not supported on FSDP2-sharded parameters")]
+        for placements, inner, message in cases:
+            weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, placements))
+            weight.grad = distribute_tensor(torch.randn(8, 4), mesh, placements)
+            optimizer = ProjectedOptimizer([{"params": [weight], "rank": 2}], inner=inner)
+            with pytest.raises(ValueError, match=message):
+                optimizer.step()
     finally:
         dist.destroy_process_group()
 
@@ -93,9 +102,42 @@ def poison(model, name, value=float("nan")):
     dict(model.named_parameters())[name].grad[0, 0] = value
 
 
-def test_nonfinite_gradient_is_skipped_with_one_warning():
+def snapshot(model, optimizer):
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items() if k != "projector"}
+             for p, st in optimizer.state.items()}
+    return params, state
+
+
+@pytest.mark.parametrize("mode", ["galore", "adamw", "galore_8bit", "galore_adafactor", "frugal"])
+def test_a_nonfinite_gradient_skips_the_whole_step_by_default(mode):
     model = make_tiny_llama()
-    optimizer = create_optimizer(model, "galore", rank=4, lr=1e-2)
+    optimizer = create_optimizer(model, mode, rank=4, update_proj_gap=5, lr=1e-2, weight_decay=0.1,
+                                 min_8bit_size=16)
+    target = "model.layers.0.mlp.up_proj.weight"
+    data = batches(3)
+    train(model, optimizer, data[:1])  # state exists
+    params_before, state_before = snapshot(model, optimizer)
+    optimizer.zero_grad()
+    model(input_ids=data[1], labels=data[1]).loss.backward()
+    poison(model, target)
+    optimizer.step()
+    params_after, state_after = snapshot(model, optimizer)
+    for name, value in params_before.items():
+        assert torch.equal(params_after[name], value), name  # every parameter, not only the poisoned one
+    for key, entry in state_before.items():
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                assert torch.equal(state_after[key][k], v), k
+    assert optimizer.nonfinite_report() == {"skipped_steps": 1}
+    train(model, optimizer, data[2:])  # the next finite step updates again
+    assert not torch.equal(dict(model.named_parameters())[target], params_before[target])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_param_skips_only_the_nonfinite_parameter():
+    model = make_tiny_llama()
+    optimizer = create_optimizer(model, "galore", rank=4, lr=1e-2, nonfinite="skip_param")
     target = "model.layers.0.mlp.up_proj.weight"
     params = dict(model.named_parameters())
     ids = batches(1)[0]
@@ -104,19 +146,28 @@ def test_nonfinite_gradient_is_skipped_with_one_warning():
         optimizer.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         poison(model, target, float("inf") if attempt else float("nan"))
-        if attempt == 0:
-            with pytest.warns(RuntimeWarning, match=f"Non-finite gradient in '{target}'"):
-                optimizer.step()
-        else:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # a second warning for the same parameter would raise here
-                optimizer.step()
+        optimizer.step()
         assert torch.equal(params[target], before[target])  # skipped
-        assert "step" not in optimizer.state[params[target]]
         assert not torch.equal(params["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"])
+    assert optimizer.nonfinite_report() == {"skipped_params": {repr(target): 2}}
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_refresh_waits_for_a_finite_gradient():
+    model = make_tiny_llama()
+    optimizer = create_optimizer(model, "galore", rank=4, update_proj_gap=2, lr=1e-2)
+    target = "model.layers.0.mlp.up_proj.weight"
+    p = dict(model.named_parameters())[target]
+    data = batches(4)
+    train(model, optimizer, data[:2])  # refresh at step 0; step 2 is the next refresh
+    basis = optimizer._projectors[p].basis().clone()
+    optimizer.zero_grad()
+    model(input_ids=data[2], labels=data[2]).loss.backward()
+    poison(model, target)
+    optimizer.step()
+    assert torch.equal(optimizer._projectors[p].basis(), basis) and optimizer.state[p]["step"] == 2
+    train(model, optimizer, data[3:])  # refreshes now, from a finite gradient
+    assert not torch.equal(optimizer._projectors[p].basis(), basis) and optimizer.state[p]["step"] == 3
 
 
 def test_nonfinite_gradient_can_raise():

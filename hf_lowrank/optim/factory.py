@@ -1,4 +1,5 @@
-"""``create_optimizer`` / ``optimizer_cls_and_kwargs``: a model + a mode name -> a ready ``ProjectedOptimizer``."""
+"""``create_optimizer`` / ``optimizer_cls_and_kwargs`` / ``optimizer_factory``: a model + a mode name -> a ready
+``ProjectedOptimizer`` (or its layer-wise wrapper)."""
 from typing import Any
 
 import torch.nn as nn
@@ -30,16 +31,23 @@ def optimizer_cls_and_kwargs(
     **mode_options: Any,
 ) -> tuple[type, dict]:
     """``(ProjectedOptimizer, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs include ``params``.
+    With ``layerwise=True`` it returns :func:`optimizer_factory`'s ``(OptimizerFactory, kwargs)`` instead, which
+    ``Trainer`` calls with the model (a class cannot build a layer-wise optimizer from parameters alone).
 
     ``rank``/``update_proj_gap``/``scale`` left as ``None`` take the mode's defaults (GaLore modes: 128 / 200 / 0.25;
     ``frugal``: ``density`` 0.25 / 200 / 1.0). ``mode_options`` override the mode's parts (``projector``, ``inner``,
     ``moment_policy``, ``residual``) and set any option: ``density``, ``residual_lr_scale`` (FRUGAL's
     ``inactive_lr_scale`` is accepted as its name there), ``nonfinite``, inner options (``min_8bit_size``,
-    ``block_size``, ``beta1``, ``decay_rate``, ``clip_threshold``, ``adafactor_eps``) and projector options
+    ``block_size``, ``beta1``, ``decay_rate``, ``clip_threshold``, ``adafactor_eps``), ``distributed``
+    (``ProjectedOptimizer``'s) and projector options
     (e.g. ``sign_convention``, ``seed``, ``oversample``, ``niter``, ``norm``, ``quant_bits``). Modes without a
     projector (``adamw``, ``adamw_8bit``) ignore ``rank``/``update_proj_gap``/``scale``/``density``, so one call
     can loop over every mode.
     """
+    if "layerwise" in mode_options or "gradient_accumulation_steps" in mode_options:
+        return optimizer_factory(mode, target_modules=target_modules, rank=rank, update_proj_gap=update_proj_gap,
+                                 scale=scale, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                                 proj_type=proj_type, **mode_options)
     spec = get_mode(mode)
     if "inactive_lr_scale" in mode_options:
         if "residual_lr_scale" in mode_options:
@@ -48,7 +56,8 @@ def optimizer_cls_and_kwargs(
     given = {k: v for k, v in {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale}.items() if v is not None}
     options = {**spec.defaults, **given, **mode_options}
     parts = {key: options.pop(key, getattr(spec, key)) for key in _SPEC_OPTIONS}
-    nonfinite = options.pop("nonfinite", "skip")
+    nonfinite = options.pop("nonfinite", None)
+    distributed = options.pop("distributed", "auto")
     inner_options = {k: options.pop(k) for k in list(options) if k in INNER_OPTION_DEFAULTS}
     group_options = {k: options.pop(k) for k in list(options) if k in _GROUP_OPTIONS}
     if "density" in group_options and "rank" not in given and "rank" not in mode_options:
@@ -58,7 +67,7 @@ def optimizer_cls_and_kwargs(
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             valid = sorted(set(_GROUP_OPTIONS) | set(_SPEC_OPTIONS) | set(INNER_OPTION_DEFAULTS) | set(allowed))
-            raise ValueError(f"Unknown option(s) {unknown} for mode {mode!r}. Valid options: {valid} (and nonfinite).")
+            raise ValueError(f"Unknown option(s) {unknown} for mode {mode!r}. Valid options: {valid} (and nonfinite, distributed).")
     elif options:
         valid = sorted(set(_SPEC_OPTIONS) | set(INNER_OPTION_DEFAULTS))
         raise ValueError(f"Unknown option(s) {sorted(options)} for mode {mode!r} (no projection). Valid: {valid}.")
@@ -91,22 +100,49 @@ def optimizer_cls_and_kwargs(
             "residual": parts["residual"],
         })
     kwargs = {"params": groups, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-              "inner": parts["inner"], "nonfinite": nonfinite, **inner_options}
+              "inner": parts["inner"], "nonfinite": nonfinite, "distributed": distributed,
+              **inner_options}
     return ProjectedOptimizer, kwargs
 
 
-def create_optimizer(model: nn.Module, mode: str = "galore", *, layerwise: bool = False, **kwargs: Any):
+def create_optimizer(model: nn.Module, mode: str = "galore", *, layerwise: bool = False,
+                     gradient_accumulation_steps: int | None = None, **kwargs: Any):
     """Build the optimizer for ``model`` in ``mode`` (see :func:`optimizer_cls_and_kwargs` for every option).
 
     Only the 2-D ``weight`` of ``nn.Linear`` modules matched by ``target_modules`` (transformers'
     ``optim_target_modules`` semantics) is projected; every other trainable parameter gets the same inner optimizer
-    unprojected, in the same optimizer object. ``layerwise=True`` steps each parameter in a post-accumulate-grad
-    hook (``hf_lowrank.optim.layerwise``).
+    unprojected, in the same optimizer object. ``layerwise=True`` steps each parameter inside backward
+    (``hf_lowrank.optim.layerwise``; a non-finite gradient then skips that parameter, since a whole step cannot
+    be skipped once some parameters are updated). ``model`` may be a DDP-wrapped or FSDP2-sharded model.
     """
-    cls, cls_kwargs = optimizer_cls_and_kwargs(model, mode, **kwargs)
+    if not layerwise and gradient_accumulation_steps is not None:
+        raise ValueError("`gradient_accumulation_steps` is a layer-wise option (layerwise=True); a normal optimizer "
+                         "steps when the training loop calls step().")
+    from .layerwise import unwrap_data_parallel
+
+    cls, cls_kwargs = optimizer_cls_and_kwargs(unwrap_data_parallel(model), mode, **kwargs)
     optimizer = cls(**cls_kwargs)
     if layerwise:
         from .layerwise import make_layerwise
 
-        return make_layerwise(optimizer, model)
+        return make_layerwise(optimizer, model, gradient_accumulation_steps=gradient_accumulation_steps)
     return optimizer
+
+
+class OptimizerFactory:
+    """transformers' optimizer-factory protocol: ``Trainer`` calls ``OptimizerFactory()(model, **kwargs)`` with the
+    model it trains (FSDP2-sharded already when Accelerate shards before building the optimizer), so nothing
+    holds parameter references made before Accelerate prepared the model, and layer-wise optimizers can be built."""
+
+    def __call__(self, model: nn.Module, **kwargs: Any):
+        return create_optimizer(model, **kwargs)
+
+
+def optimizer_factory(mode: str = "galore", **options: Any) -> tuple[type, dict]:
+    """``(OptimizerFactory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: the optimizer is built by
+    ``Trainer`` from the model it trains. Takes every option of :func:`create_optimizer` (``layerwise=True`` too);
+    the mode and option names are checked now, the target modules when ``Trainer`` builds it."""
+    probe = {k: v for k, v in options.items() if k not in ("layerwise", "gradient_accumulation_steps",
+                                                             "target_modules")}
+    optimizer_cls_and_kwargs(nn.Linear(2, 2), mode, target_modules=[""], **probe)  # names and values
+    return OptimizerFactory, {"mode": mode, **options}

@@ -7,6 +7,11 @@ gradients for projected parameters and full gradients for plain ones, and projec
 Contract of :meth:`InnerOptimizer.update`: it returns, for each gradient, the step ``u`` such that the (low-rank)
 parameter moves by ``-u`` (learning rate and bias correction included). Callers must not modify the returned
 tensors in place (Adafactor returns its first-moment buffer itself).
+
+Every update takes ``oks``: one 0-dim float tensor per gradient on its device, 1.0 to apply the step and 0.0 to
+skip it (a non-finite gradient, already zeroed by the caller). A skipped step leaves moments and the returned step
+exactly unchanged / zero, decided on the device: no host synchronisation. The bias-correction counter
+``moment_step`` is a host int and counts attempted steps (the host cannot know which were skipped without a sync).
 """
 import math
 
@@ -26,12 +31,14 @@ class InnerOptimizer:
         """Allocate zeroed moments for a (low-rank) gradient of ``shape`` on ``like``'s device and dtype."""
         raise NotImplementedError
 
-    def update(self, states: list[dict], grads: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    def update(self, states: list[dict], grads: list[torch.Tensor], group: dict, oks: list[torch.Tensor]
+               ) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def apply(self, params: list[torch.Tensor], states: list[dict], grads: list[torch.Tensor], group: dict) -> None:
+    def apply(self, params: list[torch.Tensor], states: list[dict], grads: list[torch.Tensor], group: dict,
+              oks: list[torch.Tensor]) -> None:
         """Update full-size (plain) parameters in place; subclasses may fuse this (no step tensors)."""
-        torch._foreach_sub_(params, self.update(states, grads, group))
+        torch._foreach_sub_(params, self.update(states, grads, group, oks))
 
     def moments(self, state: dict, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``(first, second)`` moments, for the ``rotate`` policy."""
@@ -53,36 +60,44 @@ class AdamW(InnerOptimizer):
         state["exp_avg_sq"] = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     @staticmethod
-    def _step_sizes(states, group):
+    def _step_sizes(states, group, oks):
+        """``ok * lr * sqrt(1 - b2^t) / (1 - b1^t)`` per state, as device tensors (0 for a skipped step)."""
         beta1, beta2 = group["betas"]
         sizes = []
         for state in states:
             state["moment_step"] += 1
             t = state["moment_step"]
             sizes.append(group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
-        return sizes
+        return torch._foreach_mul(oks, sizes)
 
-    def _advance(self, states, grads, group):
-        """Update the moments; return ``(exp_avgs, sqrt(v) + eps, step sizes)``."""
+    @staticmethod
+    def _masked_betas(group, oks):
+        """Per-state ``(1 - b1, b2)`` weights, ``(0, 1)`` where the step is skipped (moments stay bit-identical)."""
         beta1, beta2 = group["betas"]
+        return torch._foreach_mul(oks, 1.0 - beta1), [torch.where(ok > 0, beta2, 1.0) for ok in oks]
+
+    def _advance(self, states, grads, group, oks):
+        """Update the moments; return ``(exp_avgs, (sqrt(v) + eps) / step size)``."""
+        beta2 = group["betas"][1]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]  # e.g. after a load
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        first_weights, second_decays = self._masked_betas(group, oks)
+        torch._foreach_lerp_(exp_avgs, grads, first_weights)
+        torch._foreach_mul_(exp_avg_sqs, second_decays)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)  # skipped gradients are zero
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denoms, group["eps"])
-        return exp_avgs, denoms, self._step_sizes(states, group)
+        torch._foreach_div_(denoms, self._step_sizes(states, group, oks))  # a skipped step: inf, so m / inf = 0
+        return exp_avgs, denoms
 
-    def update(self, states, grads, group):
-        exp_avgs, denoms, step_sizes = self._advance(states, grads, group)
-        torch._foreach_div_(denoms, step_sizes)
+    def update(self, states, grads, group, oks):
+        exp_avgs, denoms = self._advance(states, grads, group, oks)
         return torch._foreach_div(exp_avgs, denoms)
 
-    def apply(self, params, states, grads, group):
-        exp_avgs, denoms, step_sizes = self._advance(states, grads, group)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s for s in step_sizes])
+    def apply(self, params, states, grads, group, oks):
+        exp_avgs, denoms = self._advance(states, grads, group, oks)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-1.0)
 
     def moments(self, state, group):
         return state["exp_avg"], state["exp_avg_sq"]
@@ -102,6 +117,7 @@ class AdamW8bit(AdamW):
 
     name = "adamw8bit"
     options = {"min_8bit_size": 4096, "block_size": 256}
+    _QUANTIZED_KEYS = ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax")
     _codes: dict = {}
 
     @staticmethod
@@ -140,24 +156,30 @@ class AdamW8bit(AdamW):
 
     apply = InnerOptimizer.apply  # 8-bit moments are not foreach-able: no fused path
 
-    def update(self, states, grads, group):
+    def update(self, states, grads, group, oks):
         quantized = [i for i, s in enumerate(states) if "exp_avg_absmax" in s]
         if not quantized:
-            return super().update(states, grads, group)
+            return super().update(states, grads, group, oks)
         plain = [i for i in range(len(states)) if "exp_avg_absmax" not in states[i]]
         steps: list = [None] * len(states)
         if plain:
-            for i, step in zip(plain, super().update([states[i] for i in plain], [grads[i] for i in plain], group)):
+            pick = lambda items: [items[i] for i in plain]  # noqa: E731
+            for i, step in zip(plain, super().update(pick(states), pick(grads), group, pick(oks))):
                 steps[i] = step
-        beta1, beta2 = group["betas"]
-        sizes = self._step_sizes([states[i] for i in quantized], group)
-        for i, step_size in zip(quantized, sizes):
+        beta2 = group["betas"][1]
+        q_oks = [oks[i] for i in quantized]
+        sizes = self._step_sizes([states[i] for i in quantized], group, q_oks)
+        first_weights, second_decays = self._masked_betas(group, q_oks)
+        for i, step_size, first_weight, second_decay in zip(quantized, sizes, first_weights, second_decays):
             state, grad = states[i], grads[i].float()
             exp_avg, exp_avg_sq = self.moments(state, group)
-            exp_avg.lerp_(grad, 1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            exp_avg.lerp_(grad, first_weight)
+            exp_avg_sq.mul_(second_decay).addcmul_(grad, grad, value=1.0 - beta2)
             steps[i] = (exp_avg / exp_avg_sq.sqrt().add_(group["eps"])).mul_(step_size).to(grads[i].dtype)
+            previous = {key: state[key] for key in self._QUANTIZED_KEYS}
             self.set_moments(state, exp_avg, exp_avg_sq, group)
+            for key, value in previous.items():  # re-quantising unchanged moments may move absmax by an ulp
+                state[key] = torch.where(oks[i] > 0, state[key], value)
         return steps
 
     def moments(self, state, group):
@@ -196,30 +218,32 @@ class Adafactor(InnerOptimizer):
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
-    def update(self, states, grads, group):
-        return [self._update_one(state, grad, group) for state, grad in zip(states, grads)]
+    def update(self, states, grads, group, oks):
+        return [self._update_one(state, grad, group, ok) for state, grad, ok in zip(states, grads, oks)]
 
     @staticmethod
-    def _update_one(state, grad, group):
+    def _update_one(state, grad, group, ok):
         state["moment_step"] += 1
         beta2t = 1.0 - state["moment_step"] ** group["decay_rate"]
+        decay, weight = torch.where(ok > 0, beta2t, 1.0), ok * (1.0 - beta2t)  # a skipped step keeps the moments
         grad32 = grad.float()
         update = grad32.square().add_(group["adafactor_eps"])
         if "exp_avg_sq_row" in state:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            row.mul_(decay).add_(update.mean(dim=-1).mul_(weight))
+            col.mul_(decay).add_(update.mean(dim=-2).mul_(weight))
             row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
             update = row_factor * col.unsqueeze(-2).rsqrt() * grad32
         else:
-            state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            state["exp_avg_sq"].mul_(decay).add_(update.mul_(weight))
             update = state["exp_avg_sq"].rsqrt() * grad32
         rms = update.norm(2) / (update.numel() ** 0.5)
-        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0)).mul_(group["lr"])
+        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0)).mul_(ok * group["lr"])
         if group["beta1"] is not None:
             exp_avg = state["exp_avg"]
-            exp_avg.mul_(group["beta1"]).add_(update.to(exp_avg.dtype), alpha=1.0 - group["beta1"])
-            return exp_avg
+            exp_avg.mul_(torch.where(ok > 0, group["beta1"], 1.0)).add_(update.to(exp_avg.dtype),
+                                                                         alpha=1.0 - group["beta1"])
+            return exp_avg * ok
         return update.to(grad.dtype)
 
 

@@ -14,6 +14,20 @@ updates"). Unlike transformers' built-in ``*_layerwise`` optimizers this wrapper
 * records the true gradient norm of every step (``last_grad_norm``), which
   :class:`hf_lowrank.callbacks.LayerwiseGradNormCallback` puts into the Trainer's logs.
 
+Multi-process training:
+
+* **DDP**: a parameter's gradient is only final once DDP's all-reduce of its bucket is done, so under DDP the
+  steps run in a DDP communication hook (registered at the first forward of the DDP-wrapped model, or at once when
+  the wrapped model is passed): the hook all-reduces the bucket (averaging, as DDP's default hook) and steps the
+  bucket's parameters from the reduced values, bucket by bucket in DDP's order, which is the same on every rank.
+  Gradient accumulation works through ``no_sync`` on the inner micro-batches (Trainer / ``accelerator.accumulate``
+  do it): DDP calls no hook then. DDP's buckets hold one gradient copy whatever the optimizer does, so the saving
+  under DDP is the step's transients and the separate ``.grad`` tensors, not the gradient itself.
+* **FSDP2**: ``fully_shard`` runs post-accumulate-grad hooks of the sharded parameters after each reduce-scatter,
+  so the same hooks step each row shard as soon as it is reduced, and free it.
+* Any other multi-process run (replicas without DDP) is refused at the first backward: each rank would update
+  from its own gradient.
+
 Global gradient clipping (``TrainingArguments.max_grad_norm``) cannot be applied layer-wise: a parameter
 is already updated before the norm of the others is known. The callback refuses ``max_grad_norm > 0``, and
 fp16 loss scaling (the scaler unscales in ``optimizer.step()``, too late); bf16 works. Checkpoints are the
@@ -22,24 +36,21 @@ inner optimizer's own ``state_dict``, so a run can switch between layer-wise and
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from accelerate.state import GradientState
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .distributed import is_dtensor, world
 
 
 # parameter -> the LayerwiseOptimizer whose hook steps it (two hooks would step a parameter twice)
 _HOOK_OWNERS = WeakIdKeyDictionary()
 
 
-def _check_single_process():
-    """Layer-wise steps run inside backward, before DDP's gradient all-reduce has finished."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world_size = torch.distributed.get_world_size()
-        if world_size > 1:
-            raise NotImplementedError(
-                f"Layer-wise updates (layerwise=True) do not support distributed training yet (world_size="
-                f"{world_size}): each parameter is stepped inside backward, before DDP averages its gradient. "
-                "Use layerwise=False for multi-process training, or run a single process."
-            )
+def unwrap_data_parallel(model):
+    """The module inside a DDP wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -74,20 +85,34 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 f"make_layerwise: `gradient_accumulation_steps` must be None (follow accelerate/Trainer) or an int "
                 f">= 1, got {gradient_accumulation_steps!r}."
             )
-        _check_single_process()
+        if getattr(optimizer, "nonfinite", None) == "skip_step":
+            raise ValueError(
+                "make_layerwise: the optimizer has nonfinite='skip_step', which cannot be honoured layer-wise (a "
+                "parameter is updated before the others' gradients exist). Build it with nonfinite='skip_param' "
+                "(create_optimizer(..., layerwise=True) does) or 'raise'."
+            )
+        ddp = model if isinstance(model, DistributedDataParallel) else None
+        model = unwrap_data_parallel(model)
         self.optimizer = optimizer
+        self.model = model
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self._param_names = {param: name for name, param in model.named_parameters()}
         self._hooks = []
         self._hooked_params = set()
+        self._group_index = {}
         self._backward_counts = {}
-        self._checked_world_size = False
+        self._ddp = None
+        self._ddp_ready = {}
         self._stepped_params = set()
         self._grad_norm_sq = None
         self._last_grad_norm_sq = None
         self._hook_groups(range(len(optimizer.param_groups)))
         if not self._hooks:
             raise ValueError("make_layerwise: the optimizer holds no parameter with requires_grad=True.")
+        if ddp is not None:
+            self.attach_ddp(ddp)
+        else:  # Trainer / accelerate wrap the model after the optimizer is built: attach at its first DDP forward
+            self._hooks.append(model.register_forward_pre_hook(self._attach_active_ddp))
 
     # The wrapper has no state of its own: groups, state and defaults are the inner optimizer's (like
     # accelerate's AcceleratedOptimizer), so schedulers and checkpoints see the real thing even after
@@ -135,7 +160,47 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             _HOOK_OWNERS[param] = self
             self._hooked_params.add(param)
             # The group dict is looked up by index at step time: load_state_dict replaces the dicts.
+            self._group_index[param] = index
             self._hooks.append(param.register_post_accumulate_grad_hook(partial(self._on_grad_ready, index)))
+
+    # --- DDP -----------------------------------------------------------------------------------------
+    def _attach_active_ddp(self, module, args):
+        ddp = DistributedDataParallel._get_active_ddp_module()
+        if self._ddp is None and ddp is not None and unwrap_data_parallel(ddp) is self.model:
+            self.attach_ddp(ddp)
+
+    def attach_ddp(self, ddp_model: DistributedDataParallel) -> None:
+        """Step this optimizer's parameters from DDP's reduced buckets (a communication hook on ``ddp_model``)."""
+        if unwrap_data_parallel(ddp_model) is not self.model:
+            raise ValueError("attach_ddp: `ddp_model` does not wrap the model this layer-wise optimizer was built on.")
+        try:
+            ddp_model.register_comm_hook(ddp_model.process_group, self._ddp_comm_hook)
+        except RuntimeError as err:
+            raise RuntimeError(
+                "Layer-wise updates under DDP need DDP's communication hook, and this DDP model already has one "
+                f"({err}). Remove the other hook (e.g. accelerate's DistributedDataParallelKwargs(comm_hook=...))."
+            ) from None
+        self._ddp = ddp_model
+
+    def _ddp_comm_hook(self, process_group, bucket):
+        """All-reduce (average) the bucket, then step its parameters from the reduced values on the last
+        micro-batch. Runs in DDP's bucket order, identical on every rank, so refresh broadcasts line up."""
+        group = process_group if process_group is not None else dist.group.WORLD
+        buffer = bucket.buffer()
+        buffer.div_(dist.get_world_size(group))
+        work = dist.all_reduce(buffer, group=group, async_op=True)
+        ready = [p for p in bucket.parameters() if self._ddp_ready.pop(p, False)]
+        if not ready:  # not the last micro-batch (or none of ours): DDP's plain averaged all-reduce
+            return work.get_future().then(lambda fut: fut.value()[0])
+        work.wait()
+        ready = set(ready)
+        for param, grad in zip(bucket.parameters(), bucket.gradients()):
+            if param in ready:
+                param.grad = grad  # the reduced values (a view into the bucket)
+                self._step(param, self._group_index[param])
+        done = torch.futures.Future()
+        done.set_result(buffer)
+        return done
 
     def add_param_group(self, param_group):
         self.optimizer.add_param_group(param_group)
@@ -150,11 +215,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _on_grad_ready(self, group_index, param):
-        if not self._checked_world_size:  # distributed may have been set up after the optimizer was built
-            _check_single_process()
-            self._checked_world_size = True
+        if self._ddp is not None:  # DDP's communication hook steps it once its bucket is reduced; this hook runs
+            self._ddp_ready[param] = self._is_last_micro_batch(param)  # before DDP's, on every backward
+            return
+        if not is_dtensor(param) and world()[1] > 1:
+            raise RuntimeError(
+                f"Layer-wise updates in a {world()[1]}-process run, but parameter {self._param_names[param]!r} is "
+                "neither in a DDP-wrapped model nor an FSDP2 shard: each rank would update from its own gradient. "
+                "Wrap the model in DistributedDataParallel (Trainer / accelerate launch do) or shard it with "
+                "fully_shard; with a hand-made loop pass the DDP model to create_optimizer / make_layerwise."
+            )
         if not self._is_last_micro_batch(param):
             return  # leave the gradient accumulating
+        self._step(param, group_index)
+
+    def _step(self, param, group_index):
         self._record_grad_norm(param)
         self.optimizer.step_parameter(param, self.optimizer.param_groups[group_index])
         param.grad = None
@@ -163,13 +238,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if param in self._stepped_params:  # a new step began before every parameter got a gradient
             self._finish_grad_norm()
         self._stepped_params.add(param)
-        norm_sq = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+        grad = param.grad.to_local() if is_dtensor(param.grad) else param.grad
+        norm_sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         self._grad_norm_sq = norm_sq if self._grad_norm_sq is None else self._grad_norm_sq + norm_sq
         if len(self._stepped_params) == len(self._hooked_params):
             self._finish_grad_norm()
 
     def _finish_grad_norm(self):
         if self._stepped_params:
+            if any(is_dtensor(p) for p in self._stepped_params):  # FSDP2: each rank summed its own rows
+                dist.all_reduce(self._grad_norm_sq)
             self._last_grad_norm_sq = self._grad_norm_sq
             self._grad_norm_sq = None
             self._stepped_params.clear()

@@ -11,14 +11,20 @@ is plain. Per parameter, the projected path is
 
 Everything in ``optimizer.state`` is tensors and plain numbers: projector objects live in a private dict and
 their tensor state is mirrored in ``state[p]["projector"]``; ``load_state_dict`` rebuilds them lazily.
+
+Distributed training (``hf_lowrank.optim.distributed``): under DDP each refresh runs on one owner rank and is
+broadcast; FSDP2 (DTensor, ``Shard(0)``) parameters are stepped shard-locally, with the refresh computed from the
+full gradient gathered on the owner. Non-finite gradients are detected and skipped on the device (no host sync
+outside refresh steps).
 """
+from functools import partial
 import inspect
-import warnings
 
 import torch
 from transformers.utils import logging
 
 from ..projectors import PROJ_TYPES, PROJECTORS, SVDProjector, get_projector, resolve_side
+from . import distributed as dist_driver
 from .inner import INNER_OPTION_DEFAULTS, get_inner
 from .modes import MOMENT_POLICIES, RESIDUALS
 
@@ -37,7 +43,10 @@ PROJECTION_DEFAULTS = {
     "residual": "none",
     "residual_lr_scale": 1.0,
 }
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES = ("skip_step", "skip_param", "raise")
+DISTRIBUTED_POLICIES = ("auto", "off")
+# Inner optimizers whose state is elementwise, so a row shard of it is the state of the row shard (FSDP2).
+_SHARDABLE_INNERS = ("adamw",)
 _GET_PROJECTOR_OPTIONS = ("quant_bits", "quant_group_size")
 
 
@@ -96,27 +105,12 @@ def _validate_group(group: dict) -> None:
     if group["residual_lr_scale"] < 0:
         raise ValueError(f"`residual_lr_scale` must be >= 0, got {group['residual_lr_scale']}.")
     for p in group["params"]:
-        if _is_sharded(p):
-            raise ValueError(
-                f"A group with `rank` holds a sharded parameter (a DTensor of global shape {tuple(p.shape)}, e.g. "
-                "from FSDP2's fully_shard): projecting one shard's gradient is not the projection of the matrix. "
-                "Train low-rank modes with DDP (recipes/accelerate/multi_gpu.yaml) or use a full-rank mode under FSDP."
-            )
         if p.dim() != 2:
             raise ValueError(
                 f"A group with `rank` holds a parameter of shape {tuple(p.shape)}; only 2-D weights can be projected. "
                 "Put it in a group without `rank` (a plain group); under FSDP1 every parameter is a 1-D flat shard, "
-                "so train low-rank modes with DDP instead."
+                "so train low-rank modes with FSDP2 (fully_shard) or DDP instead."
             )
-
-
-def _is_sharded(p: torch.Tensor) -> bool:
-    """Whether ``p`` is a distributed tensor (FSDP2 / tensor parallel), whose local data is only a shard."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
@@ -126,27 +120,42 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         params: parameters or groups. Groups with ``rank`` are projected; keys (defaults in ``PROJECTION_DEFAULTS``):
             ``rank`` (or ``None`` with ``density``: rank = round(density * projected dim)), ``update_proj_gap``,
             ``scale``, ``proj_type``, ``projector`` (registry name), ``projector_options``, ``moment_policy``,
-            ``residual``, ``residual_lr_scale``. Optional ``param_names`` (used in warnings).
+            ``residual``, ``residual_lr_scale``. Optional ``param_names`` (used in messages).
         lr, betas, eps, weight_decay: AdamW hyper-parameters (``eps`` defaults to the paper's 1e-8;
             galore-torch's default is 1e-6). Weight decay is decoupled and applied after the update.
         inner: inner optimizer ('adamw', 'adamw8bit', 'adafactor'); may differ per group.
-        nonfinite: what to do with a NaN/Inf gradient (detected by its 2-norm, so an overflowing norm counts):
-            'skip' that parameter's step and warn once, or 'raise'.
+        nonfinite: what a NaN/Inf gradient (detected by its 2-norm, so an overflowing norm counts) does:
+            'skip_step' skips the whole step of every parameter, like ``torch.amp.GradScaler``, on every rank
+            alike; 'skip_param' skips only the affected parameters; 'raise' stops with the parameter names (one
+            host sync per step). The default, None, is 'skip_step' for ``step()`` and 'skip_param' for layer-wise
+            updates (``step_parameter``), where a whole step cannot be skipped. Skips are decided on the device and counted:
+            :meth:`nonfinite_report`, logged by :class:`hf_lowrank.callbacks.NonFiniteLogCallback`.
+        distributed: 'auto' (default): with an initialized process group of several ranks, plain parameters are
+            data-parallel replicas (DDP) whose refreshes run on one owner rank and are broadcast, and DTensor
+            parameters are FSDP2 row shards. 'off': every rank refreshes from its own gradient (DTensors still
+            need 'auto').
         **inner_options: inner-specific defaults (``min_8bit_size``, ``block_size``, ``beta1``, ``decay_rate``,
             ``clip_threshold``, ``adafactor_eps``).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 inner: str = "adamw", nonfinite: str = "skip", **inner_options):
+                 inner: str = "adamw", nonfinite: str | None = None, distributed: str = "auto", **inner_options):
         unknown = sorted(set(inner_options) - set(INNER_OPTION_DEFAULTS))
         if unknown:
             raise TypeError(f"ProjectedOptimizer got unknown option(s) {unknown}; inner options are "
                             f"{sorted(INNER_OPTION_DEFAULTS)}.")
-        if nonfinite not in NONFINITE_POLICIES:
+        if nonfinite is not None and nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`nonfinite`={nonfinite!r}; use one of {list(NONFINITE_POLICIES)}.")
+        if distributed not in DISTRIBUTED_POLICIES:
+            raise ValueError(f"`distributed`={distributed!r}; use one of {list(DISTRIBUTED_POLICIES)}.")
         self.nonfinite = nonfinite
+        self.distributed = distributed
+        self.comm = dist_driver.CommStats()
         self._projectors: dict[torch.Tensor, object] = {}
-        self._warned: set[str] = set()
+        self._layouts: dict[torch.Tensor, dist_driver.Layout] = {}
+        self._owners: dict[torch.Tensor, int] = {}
+        self._skips: dict[torch.Tensor, torch.Tensor] = {}
+        self._skipped_steps: torch.Tensor | None = None
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "inner": inner,
                     **INNER_OPTION_DEFAULTS, **inner_options}
         super().__init__(params, defaults)
@@ -154,6 +163,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
+        self._owners.clear()
 
     # --- stepping ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,67 +172,103 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self._step_params(params, group)
+        work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        work = [(group, params) for group, params in work if params]
+        if work:
+            oks = iter(self._finite_flags([p for _, params in work for p in params], self.nonfinite or "skip_step"))
+            for group, params in work:
+                self._step_params(params, group, [next(oks) for _ in params])
         return loss
 
     @torch.no_grad()
     def step_parameter(self, p: torch.Tensor, group: dict) -> None:
-        """Update one parameter of ``group`` from its ``.grad`` (what layer-wise hooks call)."""
-        if p.grad is not None:
-            self._step_params([p], group)
+        """Update one parameter of ``group`` from its ``.grad`` (what layer-wise hooks call).
 
-    def _step_params(self, params: list[torch.Tensor], group: dict) -> None:
-        params = self._finite_only(params, group)
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        if any(g.is_sparse for g in grads):
+        A non-finite gradient skips this parameter only (``nonfinite='skip_step'`` cannot be honoured one
+        parameter at a time; layer-wise optimizers refuse it; 'raise' raises).
+        """
+        if p.grad is not None:
+            policy = "raise" if self.nonfinite == "raise" else "skip_param"
+            self._step_params([p], group, self._finite_flags([p], policy))
+
+    def _step_params(self, params: list[torch.Tensor], group: dict, oks: list[torch.Tensor]) -> None:
+        if any(p.grad.is_sparse for p in params):
             raise RuntimeError("ProjectedOptimizer does not support sparse gradients.")
         inner = get_inner(group["inner"])
-        states = [self.state[p] for p in params]
+        layouts = [self._layout(p, group) for p in params]
         if "rank" in group:
-            projectors = [self._projector(p, group) for p in params]
-            lows = [self._project(p, g, s, pr, group) for p, g, s, pr in zip(params, grads, states, projectors)]
-            for p, projector, step in zip(params, projectors, inner.update(states, lows, group)):
-                _add_projected_back(p, projector, step, alpha=-group["scale"])
-            if group["residual"] != "none":
-                self._apply_residual(params, grads, lows, projectors, group)
+            params, oks = self._projected_step(params, layouts, group, oks, inner)
         else:
-            for p, state in zip(params, states):
+            local_params = [dist_driver.local(p) for p in params]
+            grads = [dist_driver.local(p.grad) for p in params]
+            _zero_where_skipped(grads, oks)
+            states = [self.state[p] for p in params]
+            for p, state in zip(local_params, states):
                 if "moment_step" not in state:
                     state["step"] = 0
                     inner.init_state(state, p.shape, p, group)
                 state["step"] += 1
-            inner.apply(params, states, grads, group)
-        if group["weight_decay"] > 0:
-            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+            inner.apply(local_params, states, grads, group, oks)
+        if group["weight_decay"] > 0 and params:
+            local_params = [dist_driver.local(p) for p in params]
+            torch._foreach_addcmul_(local_params, local_params, oks, value=-group["lr"] * group["weight_decay"])
 
-    def _project(self, p, grad, state, projector, group):
-        """Refresh on schedule (galore-torch: steps 0, T, 2T, ... of this parameter), then project."""
-        if "step" not in state:
-            state["step"] = 0
-        if state["step"] % group["update_proj_gap"] == 0 or not projector.initialized:
-            self._refresh(p, grad, state, projector, group)
-        low = projector.project(grad)
-        if "moment_step" not in state:
-            get_inner(group["inner"]).init_state(state, low.shape, low, group)
-        state["step"] += 1
+    def _projected_step(self, params, layouts, group, oks, inner):
+        """Refresh (on schedule), project, inner update, project back, residual. Returns the stepped params."""
+        projectors = [self._projector(p, group) for p in params]
+        states = [self.state[p] for p in params]
+        for state in states:
+            state.setdefault("step", 0)
+        due = [i for i, (s, pr) in enumerate(zip(states, projectors))
+               if s["step"] % group["update_proj_gap"] == 0 or not pr.initialized]
+        waiting = self._refresh_due(due, params, layouts, projectors, states, group, oks) if due else set()
+        for i in waiting:  # skipped now; the schedule does not advance, so the refresh runs at the next step
+            states[i]["step"] -= 1
+        keep = [i for i, pr in enumerate(projectors) if pr.initialized]  # a first step with a bad gradient waits
+        params, layouts, projectors, states, oks = ([xs[i] for i in keep]
+                                                    for xs in (params, layouts, projectors, states, oks))
+        grads = [dist_driver.local(p.grad) for p in params]
+        if group["residual"] != "none":
+            _zero_where_skipped(grads, oks)
+        bases = [_local_basis(pr, layout) for pr, layout in zip(projectors, layouts)]
+        lows = [self._project(pr, q, g, layout) for pr, q, g, layout in zip(projectors, bases, grads, layouts)]
+        _zero_where_skipped(lows, oks)
+        for state, low in zip(states, lows):
+            if "moment_step" not in state:
+                inner.init_state(state, low.shape, low, group)
+            state["step"] += 1
+        for p, pr, q, step in zip(params, projectors, bases, inner.update(states, lows, group, oks)):
+            _add_projected_back(dist_driver.local(p), pr.side, q, step, alpha=-group["scale"])
+        if group["residual"] != "none":
+            lr = group["lr"] * group["scale"] * group["residual_lr_scale"]
+            for p, pr, q, grad, low, ok in zip(params, projectors, bases, grads, lows, oks):
+                residual = grad - _project_back(pr.side, q, low)
+                if group["residual"] == "signsgd":
+                    residual.sign_()
+                dist_driver.local(p).add_(residual.mul_(ok), alpha=-lr)
+        return params, oks
+
+    def _project(self, projector, basis, grad, layout):
+        """The low-rank gradient of the local data; a left projection of a row shard sums over the shards."""
+        if projector.side == "right":
+            return grad @ basis.to(grad.dtype)
+        low = basis.to(grad.dtype).T @ grad
+        if layout.sharded:
+            dist_driver.all_reduce_(low, layout)
+            self.comm.count("step", low)
         return low
-
-    def _apply_residual(self, params, grads, lows, projectors, group):
-        lr = group["lr"] * group["scale"] * group["residual_lr_scale"]
-        for p, grad, low, projector in zip(params, grads, lows, projectors):
-            residual = grad - projector.project_back(low)
-            p.add_(residual.sign_() if group["residual"] == "signsgd" else residual, alpha=-lr)
 
     # --- projectors ----------------------------------------------------------------------------------
     def _projector(self, p: torch.Tensor, group: dict):
         """The projector of ``p``, built on first use or rebuilt from ``state[p]['projector']`` after a load."""
         projector = self._projectors.get(p)
         if projector is None:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"Projected parameter {self._name(p, group)} has shape {tuple(p.shape)} at step time: it was "
+                    "flattened after the optimizer was built (DeepSpeed ZeRO and FSDP1 flatten parameters). "
+                    "Low-rank modes support DDP and FSDP2 (fully_shard); see the README's support table."
+                )
             shape = tuple(p.shape)
             rank = group["rank"]
             if rank is None:
@@ -241,22 +287,59 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         flat = [q for g in self.param_groups for q in g["params"]]
         return next(i for i, q in enumerate(flat) if q is p)
 
-    def _refresh(self, p, grad, state, projector, group) -> None:
-        policy = group["moment_policy"]
-        has_moments = "moment_step" in state
-        previous = projector.basis() if policy == "rotate" and has_moments and projector.initialized else None
+    def _layout(self, p: torch.Tensor, group: dict) -> dist_driver.Layout:
+        layout = self._layouts.get(p)
+        if layout is None:
+            if dist_driver.is_dtensor(p) and self.distributed == "off":
+                raise ValueError("`distributed`='off' cannot step DTensor (FSDP2) parameters; use 'auto'.")
+            layout = dist_driver.layout_of(p, replicated=self.distributed == "auto")
+            if layout.sharded and group["inner"] not in _SHARDABLE_INNERS:
+                raise ValueError(
+                    f"inner={group['inner']!r} is not supported on FSDP2-sharded parameters yet (its state is "
+                    f"block-wise or factored over the whole matrix, not per row); parameter {self._name(p, group)}. "
+                    "Use an AdamW mode (adamw, galore, galore_randomized, galore_dct, galore_random, frugal) "
+                    "under FSDP2, or this mode under DDP."
+                )
+            self._layouts[p] = layout
+        return layout
+
+    def _owner(self, p: torch.Tensor, layout) -> int:
+        """The rank that computes ``p``'s refreshes (balanced over all projected matrices of its process group)."""
+        if p not in self._owners:
+            projected = [q for g in self.param_groups if "rank" in g for q in g["params"]]
+            owners = dist_driver.assign_owners([tuple(q.shape) for q in projected], layout.world_size)
+            self._owners = dict(zip(projected, owners))
+        return self._owners[p]
+
+    def _refresh_due(self, due, params, layouts, projectors, states, group, oks) -> set[int]:
+        """Refresh the projectors of ``due``; returns those left waiting for a finite gradient (one host sync:
+        a refresh is computed from the gradient, so it needs to know)."""
+        finite = torch.stack([oks[i] for i in due]).cpu().tolist()
+        waiting = {i for i, ok in zip(due, finite) if not ok}
+        due = [i for i in due if i not in waiting]
+        previous = {i: projectors[i].basis() for i in due
+                    if group["moment_policy"] == "rotate" and "moment_step" in states[i] and projectors[i].initialized}
+        items = [dist_driver.RefreshItem(projectors[i], dist_driver.local(params[i].grad), layouts[i],
+                                         self._owner(params[i], layouts[i]) if layouts[i].distributed else 0,
+                                         partial(self._fit, params[i], projectors[i], group)) for i in due]
+        dist_driver.refresh(items, self.comm)
+        inner = get_inner(group["inner"])
+        for i in due:
+            state, projector = states[i], projectors[i]
+            state["projector"] = projector.state_dict()
+            if "moment_step" not in state:
+                continue
+            if group["moment_policy"] == "reset":
+                inner.init_state(state, state_shape(state), dist_driver.local(params[i].grad), group)
+            elif i in previous:
+                self._rotate_moments(state, projector, previous[i], inner, group)
+        return waiting
+
+    def _fit(self, p, projector, group, grad) -> None:
         try:
             projector.update(grad)
         except torch.linalg.LinAlgError as err:
             self._fall_back(p, grad, projector, group, err)
-        state["projector"] = projector.state_dict()
-        if not has_moments:
-            return
-        inner = get_inner(group["inner"])
-        if policy == "reset":
-            inner.init_state(state, state_shape(state), grad, group)
-        elif previous is not None:
-            self._rotate_moments(state, projector, previous, inner, group)
 
     @staticmethod
     def _rotate_moments(state, projector, previous, inner, group) -> None:
@@ -285,23 +368,47 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         projector.load_state_dict({"basis": fallback.basis()})
 
     # --- non-finite gradients ------------------------------------------------------------------------
-    def _finite_only(self, params, group):
-        if params[0].device.type == "meta":
-            return params
-        norms = torch._foreach_norm([p.grad for p in params])  # 2-norm: one cheap pass (inf-norm is ~7x slower)
-        bad = (~torch.isfinite(torch.stack(norms))).nonzero().flatten().tolist()
-        if not bad:
-            return params
-        names = [self._name(params[i], group) for i in bad]
-        if self.nonfinite == "raise":
-            raise FloatingPointError(f"Non-finite gradient in {names}; pass nonfinite='skip' to skip such steps.")
-        for name in names:
-            if name not in self._warned:
-                self._warned.add(name)
-                warnings.warn(f"Non-finite gradient in {name}: skipping its update (warned once per parameter).",
-                              RuntimeWarning, stacklevel=4)
-        skipped = set(bad)
-        return [p for i, p in enumerate(params) if i not in skipped]
+    def _finite_flags(self, params, policy) -> list[torch.Tensor]:
+        """One 0-dim float flag per parameter (1: step, 0: skip), computed on the device from one fused norm
+        pass; under FSDP2 the flags are agreed over the ranks, so every rank skips the same steps."""
+        grads = [dist_driver.local(p.grad) for p in params]
+        if grads[0].device.type == "meta":
+            return [torch.ones((), device="meta") for _ in params]
+        norms = torch._foreach_norm(grads)  # 2-norm: one cheap pass (inf-norm is ~7x slower)
+        device = grads[0].device
+        bad = torch.stack([(~torch.isfinite(n)).to(device) for n in norms]).float()
+        sharded = [self._layouts.get(p) or dist_driver.layout_of(p, replicated=False) for p in params]
+        sharded = next((layout for layout in sharded if layout.sharded), None)
+        if sharded is not None:
+            dist_driver.all_reduce_(bad, sharded, op=torch.distributed.ReduceOp.MAX)
+            self.comm.count("step", bad)
+        if policy == "raise":
+            if bad.any().item():
+                names = [self._name(p, self._group_of(p)) for p, b in zip(params, bad.tolist()) if b]
+                raise FloatingPointError(f"Non-finite gradient in {names}; pass nonfinite='skip_step' to skip such "
+                                         "steps (or 'skip_param' to skip only those parameters).")
+            return list(torch.ones(len(params), device=device).unbind())
+        if policy == "skip_step":
+            skip = bad.max()
+            self._skipped_steps = skip if self._skipped_steps is None else self._skipped_steps + skip
+            return [1.0 - skip] * len(params)
+        for p, b in zip(params, bad.unbind()):
+            self._skips[p] = b if p not in self._skips else self._skips[p] + b
+        return list((1.0 - bad).unbind())
+
+    def nonfinite_report(self) -> dict:
+        """Skips so far: ``{"skipped_steps": n}`` and ``{"skipped_params": {name: n}}`` (non-zero only).
+        Reads device counters, so it synchronises: call it when logging, not every step."""
+        report = {}
+        if self._skipped_steps is not None:
+            report["skipped_steps"] = int(self._skipped_steps.item())
+        counts = {self._name(p, self._group_of(p)): int(c.item()) for p, c in self._skips.items()}
+        if any(counts.values()):
+            report["skipped_params"] = {k: v for k, v in counts.items() if v}
+        return report
+
+    def _group_of(self, p) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
     @staticmethod
     def _name(p, group) -> str:
@@ -321,6 +428,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             inner = get_inner(group["inner"])
             for p in group["params"]:
+                if dist_driver.is_dtensor(p):
+                    raise NotImplementedError("init_state() sizes state of plain tensors; call it before sharding.")
                 state = self.state[p]
                 if "moment_step" in state:
                     continue
@@ -335,23 +444,85 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 else:
                     inner.init_state(state, p.shape, p, group)
 
+    def _row_sharded_keys(self, p, group) -> tuple[str, ...]:
+        """State entries of a sharded ``p`` that hold its rows (all others are replicated)."""
+        if "rank" in group and self._projector(p, group).side == "left":
+            return ()
+        return ("exp_avg", "exp_avg_sq")
+
+    def state_dict(self) -> dict:
+        """torch's layout; under FSDP2 the row-sharded entries are DTensors laid out like their parameter, so
+        ``torch.distributed.checkpoint`` saves, reshards and consolidates them."""
+        state_dict = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for index, (p, group) in enumerate(zip(params, groups)):
+            if index in state_dict["state"] and dist_driver.is_dtensor(p):
+                layout = self._layout(p, group)
+                entry = dict(state_dict["state"][index])
+                for key in self._row_sharded_keys(p, group):
+                    if key in entry:
+                        entry[key] = dist_driver.shard_state(entry[key], p, layout.global_rows)
+                state_dict["state"][index] = entry
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Like torch's, but every state tensor keeps its saved dtype (8-bit codes, fp32 bases and moments stay
-        as they were) and moves to its parameter's device; projectors are rebuilt from their saved tensors."""
+        as they were) and moves to its parameter's device; projectors are rebuilt from their saved tensors.
+        Under FSDP2, DTensor entries become local shards and full (consolidated) entries are cut to this rank's
+        rows, so a single-process checkpoint resumes sharded and vice versa."""
         super().load_state_dict({**state_dict, "state": {}})
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        by_id = dict(zip(ids, params))
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        by_id = dict(zip(ids, zip(params, groups)))
+        self._projectors.clear()
         for pid, saved in state_dict["state"].items():
-            p = by_id[pid]
-            self.state[p] = _to_device(saved, p.device)
+            p, group = by_id[pid]
+            device = dist_driver.local(p).device
+            state = _to_device(_unshard(saved), device)
+            if dist_driver.is_dtensor(p):
+                layout = self._layout(p, group)
+                for key in self._row_sharded_keys(p, group):
+                    value = state.get(key)
+                    if value is not None and value.shape[0] == layout.global_rows != layout.rows:
+                        state[key] = value[layout.start: layout.start + layout.rows].clone()
+            self.state[p] = state
         self._projectors.clear()
 
 
-def _add_projected_back(p: torch.Tensor, projector, low: torch.Tensor, alpha: float) -> None:
-    """``p += alpha * projector.project_back(low)`` as one ``addmm_``: no full-size temporary per parameter."""
-    basis = projector.basis().to(p.dtype)
-    if projector.side == "left":
+def _zero_where_skipped(tensors: list[torch.Tensor], oks: list[torch.Tensor]) -> None:
+    """Zero, in place, the tensors whose step is skipped (a NaN gradient must not reach the moments)."""
+    for tensor, ok in zip(tensors, oks):
+        if tensor.device.type != "meta":
+            tensor.masked_fill_(ok == 0, 0.0)
+
+
+def _local_basis(projector, layout) -> torch.Tensor:
+    """The basis rows this rank needs: all of it, except a left projection of a row shard (its rows only)."""
+    basis = projector.basis()
+    if projector.side == "left" and layout.sharded:
+        return basis[layout.start: layout.start + layout.rows]
+    return basis
+
+
+def _project_back(side: str, basis: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    basis = basis.to(low.dtype)
+    return basis @ low if side == "left" else low @ basis.T
+
+
+def _unshard(value):
+    if dist_driver.is_dtensor(value):
+        return value.to_local()
+    if isinstance(value, dict):
+        return {k: _unshard(v) for k, v in value.items()}
+    return value
+
+
+def _add_projected_back(p: torch.Tensor, side: str, basis: torch.Tensor, low: torch.Tensor, alpha: float) -> None:
+    """``p += alpha * project_back(low)`` as one ``addmm_``: no full-size temporary per parameter."""
+    basis = basis.to(p.dtype)
+    if side == "left":
         p.addmm_(basis, low.to(p.dtype), alpha=alpha)
     else:
         p.addmm_(low.to(p.dtype), basis.T, alpha=alpha)

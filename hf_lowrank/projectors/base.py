@@ -32,7 +32,13 @@ def resolve_side(shape: tuple[int, int], proj_type: str) -> str:
 
 
 class Projector(ABC):
-    """Base class. ``shape`` is the parameter's ``(m, n)``; ``rank`` is clamped to the projected dimension."""
+    """Base class. ``shape`` is the parameter's ``(m, n)``; ``rank`` is clamped to the projected dimension.
+
+    ``data_dependent``: whether the basis is computed from the gradient (False for a seeded random basis, which
+    every process can draw by itself).
+    """
+
+    data_dependent: bool = True
 
     def __init__(self, shape: tuple[int, int], rank: int, proj_type: str = "std"):
         if len(shape) != 2:

@@ -47,6 +47,7 @@ class QuantizedProjector(Projector):
         if group_size < 1:
             raise ValueError(f"`group_size` must be >= 1, got {group_size}.")
         self.inner, self.bits, self.group_size = inner, bits, group_size
+        self.data_dependent = inner.data_dependent
         self.shape, self.side, self.dim, self.rank = inner.shape, inner.side, inner.dim, inner.rank
         self._state: dict[str, torch.Tensor] = {}
 

@@ -12,6 +12,8 @@ class RandomProjector(Projector):
     training for speed, but never saved: checkpoints carry one int64.
     """
 
+    data_dependent = False
+
     def __init__(self, shape, rank, proj_type="std", seed: int = 0):
         super().__init__(shape, rank, proj_type)
         self.seed = seed

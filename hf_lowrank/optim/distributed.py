@@ -1,0 +1,214 @@
+"""The distributed driver of :class:`~hf_lowrank.optim.ProjectedOptimizer`, on plain ``torch.distributed``.
+
+Two layouts of a parameter are supported, and detected per parameter:
+
+* **replicated** (DDP, or any data-parallel wrapper that all-reduces gradients): every rank holds the whole
+  matrix and the same averaged gradient. A projector refresh is computed once, on the parameter's *owner* rank,
+  and its tensors are broadcast, so replicas hold bit-identical bases by construction (not by LAPACK's
+  determinism), and the SVD work is divided by the world size.
+* **row-sharded** (FSDP2's ``fully_shard``: a DTensor with ``Shard(0)`` on a 1-D mesh): each rank holds rows
+  ``[start, start + rows)`` of the parameter and of its gradient. The optimizer works on the local shard; the
+  refresh gathers the full gradient on the owner rank only, which fits the projector and broadcasts it.
+
+Owners are assigned once per optimizer by longest-processing-time-first over the projected matrices (cost
+``m * n * min(m, n)``, the SVD's), so each rank's refresh work is balanced. Refreshes run in rounds: in each
+round every rank fits at most one matrix (its own), in parallel, then the round's results are broadcast. At most
+one gathered full gradient per rank exists at a time.
+
+Communication (bytes of the collectives this module issues; DDP's / FSDP2's own gradient reduction is extra):
+
+* per step: one all-reduce of the non-finite flags under FSDP2 (a few bytes); for each left-projected sharded
+  matrix (``Q`` is ``m x r``) an all-reduce of its ``r x n`` low-rank gradient. Nothing under DDP.
+* per refresh of a data-dependent projector (SVD, randomized SVD, DCT): a broadcast of its state (an SVD basis
+  ``dim x r``, DCT indices ``r`` int32), plus under FSDP2 a gather of the ``m x n`` gradient on the owner.
+  Seeded random projectors communicate nothing (every rank draws the same basis).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_dtensor(tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a parameter's data lives: ``group`` (None: not distributed), this rank's ``rank`` in it, its
+    ``world_size``, and for a row-sharded parameter the local rows ``[start, start + rows)`` of ``global_rows``."""
+
+    group: object = None
+    rank: int = 0
+    world_size: int = 1
+    sharded: bool = False
+    start: int = 0
+    rows: int = 0
+    global_rows: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def layout_of(p: torch.Tensor, replicated: bool) -> Layout:
+    """The layout of parameter ``p``; ``replicated=False`` treats plain tensors as per-rank (no sharing)."""
+    if is_dtensor(p):
+        from torch.distributed.tensor import Shard
+
+        mesh, placements = p.device_mesh, p.placements
+        if mesh.ndim != 1 or len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+            raise ValueError(
+                f"ProjectedOptimizer supports DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2's "
+                f"fully_shard); got placements {tuple(placements)} on a {mesh.ndim}-D mesh. HSDP / tensor parallel "
+                "layouts are not supported yet: use fully_shard on a 1-D mesh, or DDP."
+            )
+        group = mesh.get_group()
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        local_rows = p.to_local().shape[0] if p.dim() else 0
+        chunk = -(-p.shape[0] // size) if p.dim() else 0  # torch.chunk semantics, as FSDP2 shards
+        start = min(rank * chunk, p.shape[0]) if p.dim() else 0
+        return Layout(group, rank, size, True, start, local_rows, p.shape[0] if p.dim() else 0)
+    if replicated:
+        rank, size = world()
+        if size > 1:
+            return Layout(dist.group.WORLD, rank, size)
+    return Layout()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local data of a (possibly DTensor) tensor, sharing its storage."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def shard_state(value: torch.Tensor, like: torch.Tensor, global_rows: int):
+    """Wrap a row-sharded local state tensor as a DTensor laid out like parameter ``like`` (for checkpoints)."""
+    from torch.distributed.tensor import DTensor
+
+    shape = torch.Size((global_rows,) + tuple(value.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(value, like.device_mesh, like.placements, run_check=False, shape=shape, stride=stride)
+
+
+def all_reduce_(tensor: torch.Tensor, layout: Layout, op=None) -> None:
+    """In-place all-reduce (sum by default) over the parameter's group; a no-op when not distributed."""
+    if layout.distributed:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=layout.group)
+
+
+def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
+    """Owner rank of each matrix: longest-processing-time-first on the SVD cost ``m * n * min(m, n)``."""
+    order = sorted(range(len(shapes)), key=lambda i: (-shapes[i][0] * shapes[i][1] * min(shapes[i]), i))
+    loads, owners = [0] * world_size, [0] * len(shapes)
+    for i in order:
+        owner = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[i] = owner
+        loads[owner] += shapes[i][0] * shapes[i][1] * min(shapes[i])
+    return owners
+
+
+@dataclass
+class RefreshItem:
+    """One projector refresh: ``fit(full_gradient)`` runs the refresh; ``grad`` is the local gradient."""
+
+    projector: object
+    grad: torch.Tensor
+    layout: Layout
+    owner: int
+    fit: object
+
+
+class CommStats:
+    """Bytes this module sent through collectives, split into per-step and per-refresh traffic."""
+
+    def __init__(self):
+        self.step_bytes = 0
+        self.refresh_bytes = 0
+        self.refreshes_fitted = 0
+
+    def count(self, kind: str, tensor: torch.Tensor, factor: int = 1) -> None:
+        nbytes = tensor.numel() * tensor.element_size() * factor
+        if kind == "step":
+            self.step_bytes += nbytes
+        else:
+            self.refresh_bytes += nbytes
+
+
+def refresh(items: list[RefreshItem], stats: CommStats) -> None:
+    """Run the refreshes of ``items`` (same order on every rank): each on its owner, then broadcast.
+
+    A projector whose basis does not depend on the gradient (``data_dependent = False``) is fitted on every rank
+    with no communication. Items not distributed are fitted locally.
+    """
+    shared = []
+    for item in items:
+        if not item.layout.distributed or not item.projector.data_dependent:
+            if item.projector.data_dependent:
+                item.fit(item.grad)
+                stats.refreshes_fitted += 1
+            else:  # the basis depends only on the seed and the refresh count: a stand-in of the full shape
+                item.fit(item.grad.new_zeros(()).expand(item.projector.shape))
+        else:
+            shared.append(item)
+    by_owner: dict[int, list[RefreshItem]] = {}
+    for item in shared:
+        by_owner.setdefault(item.owner, []).append(item)
+    rounds = max((len(v) for v in by_owner.values()), default=0)
+    for index in range(rounds):
+        batch = [v[index] for _, v in sorted(by_owner.items()) if index < len(v)]
+        fulls = [_full_gradient_on_owner(item, stats) for item in batch]
+        for item, full in zip(batch, fulls):
+            if item.layout.rank == item.owner:
+                item.fit(full)
+                stats.refreshes_fitted += 1
+            else:  # the state's structure (shapes, dtypes) without computing it
+                item.fit(torch.empty(item.projector.shape, dtype=item.grad.dtype, device="meta"))
+        del fulls
+        for item in batch:
+            _broadcast_projector(item, stats)
+
+
+def _full_gradient_on_owner(item: RefreshItem, stats: CommStats):
+    """The full ``m x n`` gradient on the owner (None elsewhere): the local one when replicated, else gathered."""
+    layout, grad = item.layout, item.grad
+    if not layout.sharded:
+        return grad if layout.rank == item.owner else None
+    chunk = -(-layout.global_rows // layout.world_size)
+    padded = grad.new_zeros((chunk,) + tuple(grad.shape[1:]))
+    padded[: grad.shape[0]].copy_(grad)
+    gathered = [torch.empty_like(padded) for _ in range(layout.world_size)] if layout.rank == item.owner else None
+    dist.gather(padded, gathered, group=layout.group, group_dst=item.owner)
+    stats.count("refresh", padded, layout.world_size - 1)
+    if layout.rank != item.owner:
+        return None
+    return torch.cat(gathered)[: layout.global_rows]
+
+
+def _broadcast_projector(item: RefreshItem, stats: CommStats) -> None:
+    """Broadcast the owner's projector tensors into the meta templates the other ranks fitted. 0-dim entries are
+    refresh counters that every rank advances identically, and are not sent."""
+    projector, layout = item.projector, item.layout
+    state = projector.state_dict()
+    received = {}
+    for key in sorted(state):
+        value = state[key]
+        if value.dim() == 0:
+            continue
+        if layout.rank != item.owner:
+            value = torch.empty(value.shape, dtype=value.dtype, device=item.grad.device)
+        dist.broadcast(value, group=layout.group, group_src=item.owner)
+        stats.count("refresh", value)
+        received[key] = value
+    if layout.rank != item.owner:
+        projector.load_state_dict({**state, **received})
