@@ -14,6 +14,8 @@ _LAZY = {
     "register_mode": "hf_lowrank.optim",
     "optimizer_state_bytes": "hf_lowrank.optim",
     "optimizer_cls_and_kwargs": "hf_lowrank.optim",
+    "optimizer_factory": "hf_lowrank.optim",
+    "NonFiniteLogCallback": "hf_lowrank.callbacks",
     "ProjectedOptimizer": "hf_lowrank.optim",
     "ModeSpec": "hf_lowrank.optim",
     "make_layerwise": "hf_lowrank.optim.layerwise",

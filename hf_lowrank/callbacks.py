@@ -1,7 +1,11 @@
 """Trainer callbacks for hf_lowrank optimizers."""
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from .optim.layerwise import LayerwiseOptimizer
+
+
+logger = logging.get_logger(__name__)
 
 
 def find_layerwise_optimizer(optimizer):
@@ -49,3 +53,37 @@ class LayerwiseGradNormCallback(TrainerCallback):
         logs["grad_norm"] = grad_norm
         if state.log_history and "grad_norm" in state.log_history[-1]:
             state.log_history[-1]["grad_norm"] = grad_norm
+
+
+def find_projected_optimizer(optimizer):
+    """The optimizer with ``nonfinite_report`` inside ``optimizer`` (through accelerate's / layer-wise wrappers)."""
+    while optimizer is not None and not hasattr(optimizer, "nonfinite_report"):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class NonFiniteLogCallback(TrainerCallback):
+    """Puts the optimizer's non-finite skip counts into the logs: ``skipped_steps`` (whole steps skipped, the
+    default policy) and ``skipped_params`` (parameter updates skipped, layer-wise or ``nonfinite='skip_param'``),
+    and warns when they grow. Reading the device counters synchronises once per log, never per step."""
+
+    def __init__(self):
+        self._seen = {}
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        projected = find_projected_optimizer(optimizer)
+        if projected is None or logs is None:
+            return
+        report = projected.nonfinite_report()
+        skipped_steps = report.get("skipped_steps", 0)
+        skipped_params = report.get("skipped_params", {})
+        logs["skipped_steps"] = skipped_steps
+        if skipped_params:
+            logs["skipped_params"] = sum(skipped_params.values())
+        if skipped_steps > self._seen.get("steps", 0):
+            logger.warning(f"{skipped_steps - self._seen.get('steps', 0)} optimizer step(s) skipped for non-finite "
+                           f"gradients since the last log (total {skipped_steps}).")
+        for name, count in skipped_params.items():
+            if count > self._seen.get(name, 0):
+                logger.warning(f"Update of {name} skipped {count} time(s) so far for non-finite gradients.")
+        self._seen = {"steps": skipped_steps, **skipped_params}

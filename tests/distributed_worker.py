@@ -35,6 +35,24 @@ def global_batches(steps=STEPS, world_size=2, seed=0):
     return [torch.randint(0, VOCAB, (PER_RANK_BATCH * world_size, SEQ), generator=generator) for _ in range(steps)]
 
 
+# FRUGAL with an SGD residual: signSGD's sign(x) is discontinuous at 0, so residual entries within rounding of 0
+# step by +-lr on one layout and -+lr on another; with an SGD residual the same code path is continuous.
+VARIANTS = {"frugal_sgd": ("frugal", {"residual": "sgd"})}
+
+
+def scenario_modes():
+    from hf_lowrank.optim import available_modes
+
+    return available_modes() + sorted(VARIANTS)
+
+
+def make_optimizer(model, name, **extra):
+    from hf_lowrank.optim import create_optimizer
+
+    mode, options = VARIANTS.get(name, (name, {}))
+    return create_optimizer(model, mode, **mode_options(mode), **options, **extra)
+
+
 def mode_options(mode):
     """Options under which every mode is deterministic across layouts: sign-aligned SVD bases."""
     from hf_lowrank.optim import get_mode
@@ -123,14 +141,14 @@ def shard(model):
 def ddp_scenarios(out: Path, rank: int, world_size: int):
     from torch.nn.parallel import DistributedDataParallel
 
-    from hf_lowrank.optim import available_modes, create_optimizer
+    from hf_lowrank.optim import create_optimizer
 
     data = global_batches(world_size=world_size)
-    for mode in available_modes():
+    for mode in scenario_modes():
         for layerwise in (False, True):
             model = tiny_llama()
             ddp = DistributedDataParallel(model)
-            optimizer = create_optimizer(ddp, mode, layerwise=layerwise, **mode_options(mode))
+            optimizer = make_optimizer(ddp, mode, layerwise=layerwise)
             losses = train(ddp, optimizer, data, rank, world_size)
             name = f"ddp-{mode}-{'layerwise' if layerwise else 'plain'}"
             if layerwise:
@@ -166,7 +184,32 @@ def ddp_scenarios(out: Path, rank: int, world_size: int):
                 "report": optimizer.nonfinite_report()}, out / f"ddp-nonfinite-rank{rank}.pt")
 
 
-FSDP_MODES = ("adamw", "galore", "galore_randomized", "galore_dct", "galore_random", "frugal")
+def trainer_scenarios(out: Path, rank: int, world_size: int):
+    """Trainer (DDP through Accelerate) building the optimizer through transformers' factory protocol: layer-wise
+    with gradient accumulation must give the same model as the normal step."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_lowrank import LayerwiseGradNormCallback, optimizer_factory
+
+    examples = [{"input_ids": ids, "labels": ids} for batch in global_batches(steps=8) for ids in batch]
+    for layerwise in (False, True):
+        model = tiny_llama()
+        args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=1,
+                                 gradient_accumulation_steps=2, max_steps=4, use_cpu=True, report_to=[],
+                                 logging_steps=1, max_grad_norm=0.0, save_strategy="no", seed=0,
+                                 disable_tqdm=True, dataloader_drop_last=True)
+        factory = optimizer_factory("galore", layerwise=layerwise, **mode_options("galore"))
+        trainer = Trainer(model=model, args=args, train_dataset=examples, optimizer_cls_and_kwargs=factory,
+                          callbacks=[LayerwiseGradNormCallback()])
+        trainer.train()
+        assert trainer.args.world_size == world_size == 2
+        grad_norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+        torch.save({"params": full_parameters(model), "grad_norms": grad_norms,
+                    "wrapped": type(trainer.model_wrapped).__name__},
+                   out / f"trainer-{'layerwise' if layerwise else 'plain'}-rank{rank}.pt")
+
+
+FSDP_MODES = ("adamw", "galore", "galore_randomized", "galore_dct", "galore_random", "frugal", "frugal_sgd")
 
 
 def fsdp2_scenarios(out: Path, rank: int, world_size: int):
@@ -179,7 +222,7 @@ def fsdp2_scenarios(out: Path, rank: int, world_size: int):
     for mode in FSDP_MODES:
         for layerwise in (False, True) if mode in ("adamw", "galore") else (False,):
             model = shard(tiny_llama())
-            optimizer = create_optimizer(model, mode, layerwise=layerwise, **mode_options(mode))
+            optimizer = make_optimizer(model, mode, layerwise=layerwise)
             losses = train(model, optimizer, data, rank, world_size)
             if layerwise:
                 optimizer.remove_hooks()
@@ -230,7 +273,7 @@ def main():
     assert world_size == int(os.environ["WORLD_SIZE"]) == 2, world_size
     out.mkdir(parents=True, exist_ok=True)
     try:
-        {"ddp": ddp_scenarios, "fsdp2": fsdp2_scenarios}[scenario](out, rank, world_size)
+        {"ddp": ddp_scenarios, "fsdp2": fsdp2_scenarios, "trainer": trainer_scenarios}[scenario](out, rank, world_size)
         dist.barrier()
     finally:
         dist.destroy_process_group()
