@@ -77,9 +77,12 @@ class NonFiniteLogCallback(TrainerCallback):
         report = projected.nonfinite_report()
         skipped_steps = report.get("skipped_steps", 0)
         skipped_params = report.get("skipped_params", {})
-        logs["skipped_steps"] = skipped_steps
+        entries = {"skipped_steps": skipped_steps}
         if skipped_params:
-            logs["skipped_params"] = sum(skipped_params.values())
+            entries["skipped_params"] = sum(skipped_params.values())
+        logs.update(entries)
+        if state.log_history:  # Trainer appended a copy of the logs before calling the callbacks
+            state.log_history[-1].update(entries)
         if skipped_steps > self._seen.get("steps", 0):
             logger.warning(f"{skipped_steps - self._seen.get('steps', 0)} optimizer step(s) skipped for non-finite "
                            f"gradients since the last log (total {skipped_steps}).")

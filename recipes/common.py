@@ -5,9 +5,9 @@ Each script subclasses :class:`RecipeConfig` with its own fields and calls, in o
 
     cfg = parse_args(MyConfig)                       # YAML + key=value overrides, unknown keys listed
     check_mode(cfg.mode)                             # before any data or model is loaded
-    model, optimizer = build_optimizer(model, cfg)   # hf_lowrank.optim.create_optimizer, or PEFT LoRA
-    trainer, meter = fit(cfg, model, optimizer, train_dataset, data_collator)
-    write_results(cfg, metrics, meter=meter, model=model, optimizer=optimizer)
+    model, optimizer_spec = build_optimizer(model, cfg)   # hf_lowrank.optimizer_factory, or PEFT LoRA
+    trainer, meter = fit(cfg, model, optimizer_spec, train_dataset, data_collator)
+    write_results(cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer)
 
 Results land in ``<results_dir>/<task>--<mode>--<config_name>.json`` with ``run_info``/``train_info``/``meta_info``
 blocks; :func:`results_table` and :func:`plot_results` turn a set of them into a markdown table and a PNG.
@@ -356,17 +356,18 @@ def apply_lora(model, cfg: RecipeConfig, task_type: Optional[str] = None):
 
 
 def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
-    """Return ``(model, optimizer)`` for cfg.mode; LoRA wraps the model first and optimizes the adapters with AdamW."""
-    from hf_lowrank.optim import create_optimizer
+    """Return ``(model, optimizer_cls_and_kwargs)`` for cfg.mode: hf_lowrank's optimizer factory, which ``Trainer``
+    calls with the model it trains (so it works under DDP and FSDP2, where ``Trainer`` refuses ``optimizers=``).
+    LoRA wraps the model first and optimizes the adapters with AdamW."""
+    from hf_lowrank.optim import optimizer_factory
 
     check_mode(cfg.mode)
     common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.mode == LORA_MODE:
         model = apply_lora(model, cfg, task_type)
-        return model, create_optimizer(model, "adamw", **common)
+        return model, optimizer_factory("adamw", **common)
     # Modes without a projector (adamw, adamw_8bit) ignore the low-rank keywords, so one call serves every mode.
-    optimizer = create_optimizer(
-        model,
+    spec = optimizer_factory(
         cfg.mode,
         target_modules=cfg.target_modules,
         rank=cfg.rank,
@@ -377,7 +378,7 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
         **common,
         **cfg.mode_options,
     )
-    return model, optimizer
+    return model, spec
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -508,9 +509,12 @@ def training_arguments(cfg: RecipeConfig, **overrides):
     return TrainingArguments(**kwargs)
 
 
-def fit(cfg: RecipeConfig, model, optimizer, train_dataset, data_collator=None, processing_class=None, **args):
-    """Train with transformers.Trainer and our optimizer; returns ``(trainer, RunMeter)``."""
+def fit(cfg: RecipeConfig, model, optimizer_spec, train_dataset, data_collator=None, processing_class=None, **args):
+    """Train with transformers.Trainer, which builds the optimizer from ``optimizer_spec`` (``build_optimizer``);
+    returns ``(trainer, RunMeter)``."""
     from transformers import Trainer
+
+    from hf_lowrank.callbacks import LayerwiseGradNormCallback, NonFiniteLogCallback
 
     meter = RunMeter()
     trainer = Trainer(
@@ -519,8 +523,8 @@ def fit(cfg: RecipeConfig, model, optimizer, train_dataset, data_collator=None, 
         train_dataset=train_dataset,
         data_collator=data_collator,
         processing_class=processing_class,
-        optimizers=(optimizer, None),
-        callbacks=[meter],
+        optimizer_cls_and_kwargs=optimizer_spec,
+        callbacks=[meter, NonFiniteLogCallback(), LayerwiseGradNormCallback()],
     )
     if cfg.do_train:
         trainer.train()

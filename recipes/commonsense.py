@@ -278,9 +278,9 @@ def main(argv=None) -> dict:
     train_records = load_train(cfg) if cfg.do_train else []
     model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
     train_dataset = training_dataset(train_records, tokenizer, cfg) if cfg.do_train else None
-    model, optimizer = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
+    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
     trainer, meter = common.fit(
-        cfg, model, optimizer, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
+        cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
         processing_class=tokenizer,
     )
     metrics = evaluate(trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode, batch_size=cfg.eval_batch_size,
@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
     if trainer.is_world_process_zero():
         world = trainer.args.world_size
         common.write_results(
-            cfg, metrics, meter=meter, model=model, optimizer=optimizer, main_metric="average",
+            cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="average",
             examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
             extra={"eval_mode": cfg.eval_mode, "num_eval_examples": {t: len(r) for t, r in test_sets.items()}},
         )

@@ -193,16 +193,16 @@ def main(argv=None) -> dict:
     data = load_glue(cfg)
     model, tokenizer = load_model(cfg)
     encoded = tokenize(data, tokenizer, cfg)
-    model, optimizer = common.build_optimizer(model, cfg, task_type="SEQ_CLS")
+    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="SEQ_CLS")
     trainer, meter = common.fit(
-        cfg, model, optimizer, encoded.get("train"), DataCollatorWithPadding(tokenizer), processing_class=tokenizer
+        cfg, model, optimizer_spec, encoded.get("train"), DataCollatorWithPadding(tokenizer), processing_class=tokenizer
     )
     metrics = predict(trainer, encoded[spec.eval_split], cfg.task)
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
         world = trainer.args.world_size
         path = common.write_results(
-            cfg, metrics, meter=meter, model=model, optimizer=optimizer, main_metric=spec.main_metric,
+            cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric=spec.main_metric,
             examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
         )
         if cfg.save_model or cfg.push_to_hub:

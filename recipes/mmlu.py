@@ -283,9 +283,9 @@ def main(argv=None) -> dict:
         train_questions = train_questions[: cfg.max_train_samples]
     model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
     train_dataset = training_dataset(train_questions, tokenizer, cfg) if cfg.do_train else None
-    model, optimizer = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
+    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
     trainer, meter = common.fit(
-        cfg, model, optimizer, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
+        cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
         processing_class=tokenizer,
     )
     result = evaluate(trainer.model, tokenizer, eval_questions, shots, cfg.num_fewshot, cfg.eval_batch_size,
@@ -296,7 +296,7 @@ def main(argv=None) -> dict:
     if trainer.is_world_process_zero():
         world = trainer.args.world_size
         common.write_results(
-            cfg, metrics, meter=meter, model=model, optimizer=optimizer, main_metric="accuracy_macro",
+            cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="accuracy_macro",
             examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
             extra={"per_subject_accuracy": result["per_subject"], "num_eval_questions": result["num_questions"],
                    "num_fewshot": cfg.num_fewshot},

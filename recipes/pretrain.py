@@ -185,9 +185,9 @@ def main(argv=None) -> dict:
     train_texts, eval_texts = text_sources(cfg)
     evaluation = eval_blocks(eval_texts, tokenizer, cfg)
     model = LlamaForCausalLM(llama_config(cfg, tokenizer.vocab_size))
-    model, optimizer = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
+    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
     trainer, meter = common.fit(
-        cfg, model, optimizer, PackedText(train_texts, tokenizer, cfg.max_seq_length), default_data_collator,
+        cfg, model, optimizer_spec, PackedText(train_texts, tokenizer, cfg.max_seq_length), default_data_collator,
         lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler_type == "cosine_with_min_lr" else {},
     )
     eval_loss = trainer.evaluate(evaluation)["eval_loss"]
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     if trainer.is_world_process_zero():
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
         common.write_results(
-            cfg, metrics, meter=meter, model=model, optimizer=optimizer, main_metric="perplexity",
+            cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="perplexity",
             examples_per_step=per_step, tokens_per_step=per_step * cfg.max_seq_length,
         )
         if cfg.save_model or cfg.push_to_hub:

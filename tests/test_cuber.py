@@ -399,6 +399,14 @@ def test_trainer_rejects_bad_input(tmp_path):
                          optimizers=(opt, None))
 
 
+def test_projection_strategies_refuse_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    for strategy in ("gpm", "cuber"):
+        with pytest.raises(ValueError, match=rf"strategy='{strategy}' runs in one process \(world_size is 2\)"):
+            make_trainer(tmp_path, TinyNet(), strategy=strategy)
+    make_trainer(tmp_path, TinyNet(), strategy="finetune")  # plain training: DDP syncs it as any Trainer run
+
+
 # ----------------------------------------------------------------------------- TRGP forward transfer
 def test_scaled_weight_projection_matches_effective_weight():
     torch.manual_seed(0)

@@ -169,3 +169,44 @@ def test_trainer_builds_it_from_optimizer_cls_and_kwargs(tmp_path):
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 3 and all(map(math.isfinite, losses))
+
+
+def test_the_factory_protocol_builds_layerwise_optimizers_in_trainer(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_lowrank import LayerwiseGradNormCallback, NonFiniteLogCallback, optimizer_factory
+    from hf_lowrank.optim import OptimizerFactory, optimizer_cls_and_kwargs
+    from hf_lowrank.optim.layerwise import LayerwiseOptimizer
+
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                             max_grad_norm=0.0)
+    factory = optimizer_factory("galore", rank=4, update_proj_gap=2, layerwise=True)
+    assert factory[0] is OptimizerFactory and "params" not in factory[1]  # no parameter references up front
+    assert optimizer_cls_and_kwargs(model, "galore", rank=4, layerwise=True)[0] is OptimizerFactory
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizer_cls_and_kwargs=factory,
+                      callbacks=[LayerwiseGradNormCallback(), NonFiniteLogCallback()])
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, LayerwiseOptimizer)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(log["grad_norm"] > 0 and log["skipped_steps"] == 0 for log in logs)
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['rnak'\]"):
+        optimizer_factory("galore", rnak=4)  # names are checked before Trainer builds it
+
+
+def test_a_projected_parameter_flattened_after_construction_gets_a_clear_error():
+    """DeepSpeed ZeRO / FSDP1 replace each group's parameters by one flat 1-D buffer."""
+    from hf_lowrank import create_optimizer
+
+    model = make_tiny_llama()
+    optimizer = create_optimizer(model, "galore", rank=4)
+    group = next(g for g in optimizer.param_groups if "rank" in g)
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in group["params"]]))
+    flat.grad = torch.zeros_like(flat)
+    group["params"] = [flat]
+    with pytest.raises(ValueError, match=r"flattened after the optimizer was built \(DeepSpeed ZeRO and FSDP1"):
+        optimizer.step()

@@ -137,7 +137,8 @@ def test_results_record_counts_params_and_optimizer_state(tiny_llama):
     from hf_lowrank.optim import optimizer_state_bytes
 
     cfg = common.load_config(DemoConfig, None, ["mode=adamw"])
-    model, optimizer = common.build_optimizer(tiny_llama, cfg)
+    model, (factory, kwargs) = common.build_optimizer(tiny_llama, cfg)
+    optimizer = factory()(model, **kwargs)  # what Trainer does with optimizer_cls_and_kwargs
     tiny_llama(input_ids=torch.randint(0, 256, (2, 8))).logits.sum().backward()
     optimizer.step()
     record = common.build_results(cfg, {"x": 1.0}, model=model, optimizer=optimizer)
@@ -148,7 +149,8 @@ def test_results_record_counts_params_and_optimizer_state(tiny_llama):
 
 def test_lora_arm_freezes_the_base_model(tiny_llama):
     cfg = common.load_config(DemoConfig, None, ["mode=lora", "lora_r=4", "target_modules=[q_proj,v_proj]"])
-    model, optimizer = common.build_optimizer(tiny_llama, cfg, task_type="CAUSAL_LM")
+    model, (factory, kwargs) = common.build_optimizer(tiny_llama, cfg, task_type="CAUSAL_LM")
+    optimizer = factory()(model, **kwargs)
     trainable, total = common.count_parameters(model)
     layers, hidden = 2, 64
     assert trainable == layers * 2 * (4 * hidden + hidden * 4)  # A (r×in) + B (out×r) on q and v

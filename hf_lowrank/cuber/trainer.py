@@ -76,6 +76,13 @@ class ContinualTrainer(Trainer):
             raise ValueError("ContinualTrainer keeps one model across tasks; `model_init` is not supported.")
         super().__init__(model=model, args=args, **kwargs)
         self.continual_config = config = continual_config or ContinualConfig()
+        if config.strategy != "finetune" and self.args.world_size > 1:
+            raise ValueError(
+                f"ContinualConfig.strategy={config.strategy!r} runs in one process (world_size is "
+                f"{self.args.world_size}): the subspace bases and the stored task gradients would be built from each "
+                "rank's own share of the data, with no all-reduce, so the ranks would protect different subspaces. "
+                "Run it with a single process, or use strategy='finetune' for multi-process training."
+            )
         multi = config.head == "multi"
         if multi:
             self._check_task_kwarg()

@@ -12,8 +12,9 @@ Two layouts of a parameter are supported, and detected per parameter:
 
 Owners are assigned once per optimizer by longest-processing-time-first over the projected matrices (cost
 ``m * n * min(m, n)``, the SVD's), so each rank's refresh work is balanced. Refreshes run in rounds: in each
-round every rank fits at most one matrix (its own), in parallel, then the round's results are broadcast. At most
-one gathered full gradient per rank exists at a time.
+round every rank fits at most one matrix (its own, after gathering its gradient under FSDP2), in parallel, so at
+most one gathered full gradient per rank exists at a time; then each owner broadcasts all its results at once
+(one coalesced buffer per dtype).
 
 Communication (bytes of the collectives this module issues; DDP's / FSDP2's own gradient reduction is extra):
 
@@ -23,10 +24,12 @@ Communication (bytes of the collectives this module issues; DDP's / FSDP2's own 
   ``dim x r``, DCT indices ``r`` int32), plus under FSDP2 a gather of the ``m x n`` gradient on the owner.
   Seeded random projectors communicate nothing (every rank draws the same basis).
 """
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def world() -> tuple[int, int]:
@@ -136,6 +139,7 @@ class CommStats:
         self.step_bytes = 0
         self.refresh_bytes = 0
         self.refreshes_fitted = 0
+        self.refresh_seconds = 0.0  # wall time inside refresh(): fitting, gathers and broadcasts
 
     def count(self, kind: str, tensor: torch.Tensor, factor: int = 1) -> None:
         nbytes = tensor.numel() * tensor.element_size() * factor
@@ -146,11 +150,18 @@ class CommStats:
 
 
 def refresh(items: list[RefreshItem], stats: CommStats) -> None:
-    """Run the refreshes of ``items`` (same order on every rank): each on its owner, then broadcast.
+    """Run the refreshes of ``items`` (same order on every rank): each on its owner, then broadcast. The time spent
+    is added to ``stats.refresh_seconds`` (host wall time: on CUDA, synchronise around it for device time).
 
     A projector whose basis does not depend on the gradient (``data_dependent = False``) is fitted on every rank
     with no communication. Items not distributed are fitted locally.
     """
+    started = time.perf_counter()
+    _refresh(items, stats)
+    stats.refresh_seconds += time.perf_counter() - started
+
+
+def _refresh(items: list[RefreshItem], stats: CommStats) -> None:
     shared = []
     for item in items:
         if not item.layout.distributed or not item.projector.data_dependent:
@@ -165,18 +176,17 @@ def refresh(items: list[RefreshItem], stats: CommStats) -> None:
     for item in shared:
         by_owner.setdefault(item.owner, []).append(item)
     rounds = max((len(v) for v in by_owner.values()), default=0)
-    for index in range(rounds):
+    for index in range(rounds):  # a round: each owner's next matrix (its gather first: collectives, same order)
         batch = [v[index] for _, v in sorted(by_owner.items()) if index < len(v)]
         fulls = [_full_gradient_on_owner(item, stats) for item in batch]
         for item, full in zip(batch, fulls):
             if item.layout.rank == item.owner:
                 item.fit(full)
                 stats.refreshes_fitted += 1
-            else:  # the state's structure (shapes, dtypes) without computing it
+            elif not item.projector.initialized:  # the state's structure (shapes, dtypes), once, without data
                 item.fit(torch.empty(item.projector.shape, dtype=item.grad.dtype, device="meta"))
         del fulls
-        for item in batch:
-            _broadcast_projector(item, stats)
+    _broadcast_projectors(shared, stats)
 
 
 def _full_gradient_on_owner(item: RefreshItem, stats: CommStats):
@@ -195,20 +205,34 @@ def _full_gradient_on_owner(item: RefreshItem, stats: CommStats):
     return torch.cat(gathered)[: layout.global_rows]
 
 
-def _broadcast_projector(item: RefreshItem, stats: CommStats) -> None:
-    """Broadcast the owner's projector tensors into the meta templates the other ranks fitted. 0-dim entries are
-    refresh counters that every rank advances identically, and are not sent."""
-    projector, layout = item.projector, item.layout
-    state = projector.state_dict()
-    received = {}
-    for key in sorted(state):
-        value = state[key]
-        if value.dim() == 0:
-            continue
-        if layout.rank != item.owner:
-            value = torch.empty(value.shape, dtype=value.dtype, device=item.grad.device)
-        dist.broadcast(value, group=layout.group, group_src=item.owner)
-        stats.count("refresh", value)
-        received[key] = value
-    if layout.rank != item.owner:
-        projector.load_state_dict({**state, **received})
+def _broadcast_projectors(items: list[RefreshItem], stats: CommStats) -> None:
+    """Send every owner's fitted projector tensors to the other ranks: one coalesced broadcast per (process group,
+    owner, dtype). The receivers' own state gives the structure (a projector's state keeps its shapes and dtypes
+    across refreshes; before the first one they fitted a meta template)."""
+    senders: dict[tuple, list[RefreshItem]] = {}
+    for item in items:  # first-appearance order: the same on every rank
+        senders.setdefault((id(item.layout.group), item.owner), []).append(item)
+    for (_, owner), members in senders.items():
+        layout = members[0].layout
+        entries = [(item, key) for item in members for key in sorted(item.projector.state_dict())]
+        states = {id(item): item.projector.state_dict() for item in members}
+        by_dtype: dict[torch.dtype, list[tuple]] = {}
+        for item, key in entries:
+            by_dtype.setdefault(states[id(item)][key].dtype, []).append((item, key))
+        for dtype, group in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+            device = group[0][0].grad.device
+            if layout.rank == owner:
+                flat = _flatten_dense_tensors([states[id(item)][key].to(device) for item, key in group])
+            else:
+                flat = torch.empty(sum(states[id(item)][key].numel() for item, key in group), dtype=dtype,
+                                   device=device)
+            dist.broadcast(flat, group=layout.group, group_src=owner)
+            stats.count("refresh", flat)
+            if layout.rank != owner:
+                templates = [torch.empty(states[id(item)][key].shape, dtype=dtype, device="meta")
+                             for item, key in group]
+                for (item, key), value in zip(group, _unflatten_dense_tensors(flat, templates)):
+                    states[id(item)][key] = value
+        if layout.rank != owner:
+            for item in members:
+                item.projector.load_state_dict(states[id(item)])

@@ -21,8 +21,9 @@ Multi-process training:
   the wrapped model is passed): the hook all-reduces the bucket (averaging, as DDP's default hook) and steps the
   bucket's parameters from the reduced values, bucket by bucket in DDP's order, which is the same on every rank.
   Gradient accumulation works through ``no_sync`` on the inner micro-batches (Trainer / ``accelerator.accumulate``
-  do it): DDP calls no hook then. DDP's buckets hold one gradient copy whatever the optimizer does, so the saving
-  under DDP is the step's transients and the separate ``.grad`` tensors, not the gradient itself.
+  do it): DDP calls no hook then. DDP's buckets hold one gradient copy whatever the optimizer does; each local
+  ``.grad`` is replaced by its view into the reduced bucket as soon as the bucket is stepped, so the saving under
+  DDP is the separate gradient tensors and the step's transients, not the bucket copy itself.
 * **FSDP2**: ``fully_shard`` runs post-accumulate-grad hooks of the sharded parameters after each reduce-scatter,
   so the same hooks step each row shard as soon as it is reduced, and free it.
 * Any other multi-process run (replicas without DDP) is refused at the first backward: each rank would update
@@ -194,10 +195,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return work.get_future().then(lambda fut: fut.value()[0])
         work.wait()
         ready = set(ready)
+        by_group = {}
         for param, grad in zip(bucket.parameters(), bucket.gradients()):
             if param in ready:
-                param.grad = grad  # the reduced values (a view into the bucket)
-                self._step(param, self._group_index[param])
+                # The reduced values, a view into the bucket: the local gradient is freed now, and DDP's final
+                # bucket-to-grad copy then writes onto itself instead of allocating every gradient again.
+                param.grad = grad
+                self._record_grad_norm(param)
+                by_group.setdefault(self._group_index[param], []).append(param)
+        for index, params in sorted(by_group.items()):  # one call per group: the bucket's refreshes share a round
+            step_many = getattr(self.optimizer, "step_parameters", None)
+            if step_many is not None:
+                step_many(params, self.optimizer.param_groups[index])
+            else:
+                for param in params:
+                    self.optimizer.step_parameter(param, self.optimizer.param_groups[index])
         done = torch.futures.Future()
         done.set_result(buffer)
         return done

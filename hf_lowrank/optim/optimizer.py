@@ -187,9 +187,16 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         A non-finite gradient skips this parameter only (``nonfinite='skip_step'`` cannot be honoured one
         parameter at a time; layer-wise optimizers refuse it; 'raise' raises).
         """
-        if p.grad is not None:
+        self.step_parameters([p], group)
+
+    @torch.no_grad()
+    def step_parameters(self, params: list[torch.Tensor], group: dict) -> None:
+        """Update several parameters of ``group`` at once, as :meth:`step_parameter` does each (a DDP bucket:
+        their due refreshes are then shared between the ranks in one round)."""
+        params = [p for p in params if p.grad is not None]
+        if params:
             policy = "raise" if self.nonfinite == "raise" else "skip_param"
-            self._step_params([p], group, self._finite_flags([p], policy))
+            self._step_params(params, group, self._finite_flags(params, policy))
 
     def _step_params(self, params: list[torch.Tensor], group: dict, oks: list[torch.Tensor]) -> None:
         if any(p.grad.is_sparse for p in params):
