@@ -263,6 +263,67 @@ def fsdp2_scenarios(out: Path, rank: int, world_size: int):
                 "report": optimizer.nonfinite_report()}, out / f"fsdp2-nonfinite-rank{rank}.pt")
 
 
+DEEPSPEED_MODES = ("adamw", "adamw_8bit", "galore", "galore_8bit", "galore_dct", "galore_random", "frugal_sgd")
+
+
+def deepspeed_scenarios(out: Path, rank: int, world_size: int):
+    """DeepSpeed ZeRO-1/2 (CPU accelerator, gloo): the ZeRO optimizer wraps ours; attach_zero maps the flat
+    partitions to the matrices."""
+    import deepspeed
+
+    from hf_lowrank.optim.deepspeed import attach_zero
+
+    data = global_batches(world_size=world_size)
+    for stage in (1, 2):
+        for mode in DEEPSPEED_MODES:
+            model = tiny_llama()
+            config = {"train_micro_batch_size_per_gpu": PER_RANK_BATCH, "gradient_clipping": 0.0,
+                      "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                      "steps_per_print": 10**9}
+            engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, mode),
+                                                      config=config)
+            attach_zero(zero)
+            for ids in data:
+                ids = local_batch(ids, rank, world_size)
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                engine.step()
+            torch.save({"params": full_parameters(model)}, out / f"deepspeed{stage}-{mode}-rank{rank}.pt")
+    # refused combinations, each with its clear error
+    refused = {}
+    for mode, extra in (("galore_adafactor", {}), ("galore", {"layerwise": True})):
+        model = tiny_llama()
+        config = {"train_micro_batch_size_per_gpu": PER_RANK_BATCH, "zero_optimization": {"stage": 2},
+                  "zero_allow_untested_optimizer": True}
+        try:
+            optimizer = make_optimizer(model, mode, **extra)
+            _, zero, _, _ = deepspeed.initialize(model=model, optimizer=getattr(optimizer, "optimizer", optimizer)
+                                                 if not extra else optimizer, config=config)
+            attach_zero(zero)
+        except (NotImplementedError, TypeError, ValueError) as err:
+            refused[mode + ("-layerwise" if extra else "")] = f"{type(err).__name__}: {err}"
+    torch.save(refused, out / f"deepspeed-refused-rank{rank}.pt")
+    # Trainer with DeepSpeed ZeRO-2: the factory builds the optimizer, the callback attaches it
+    from transformers import Trainer, TrainingArguments
+
+    from hf_lowrank import optimizer_factory
+    from hf_lowrank.optim.deepspeed import DeepSpeedZeroCallback
+
+    examples = [{"input_ids": ids, "labels": ids} for batch in global_batches(steps=8) for ids in batch]
+    model = tiny_llama()
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "gradient_clipping": "auto"}
+    args = TrainingArguments(output_dir=str(out / "trainer-deepspeed"), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, max_steps=4, use_cpu=True, report_to=[], logging_steps=1,
+                             max_grad_norm=0.0, save_strategy="no", seed=0, disable_tqdm=True,
+                             dataloader_drop_last=True, deepspeed=config)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[DeepSpeedZeroCallback()],
+                      optimizer_cls_and_kwargs=optimizer_factory("galore", **mode_options("galore")))
+    trainer.train()
+    assert trainer.args.world_size == world_size == 2
+    torch.save({"params": full_parameters(model), "wrapped": type(trainer.model_wrapped).__name__},
+               out / f"trainer-deepspeed-rank{rank}.pt")
+
+
 def main():
     import torch.distributed as dist
 
@@ -273,7 +334,8 @@ def main():
     assert world_size == int(os.environ["WORLD_SIZE"]) == 2, world_size
     out.mkdir(parents=True, exist_ok=True)
     try:
-        {"ddp": ddp_scenarios, "fsdp2": fsdp2_scenarios, "trainer": trainer_scenarios}[scenario](out, rank, world_size)
+        {"ddp": ddp_scenarios, "fsdp2": fsdp2_scenarios, "trainer": trainer_scenarios,
+         "deepspeed": deepspeed_scenarios}[scenario](out, rank, world_size)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -31,7 +31,7 @@ LOOSER = {
 
 
 def run_worker(scenario, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "distributed_worker.py"), scenario, str(out)]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -41,7 +41,7 @@ def run_worker(scenario, out):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    for scenario in ("ddp", "fsdp2", "trainer"):
+    for scenario in ("ddp", "fsdp2", "trainer", "deepspeed"):
         run_worker(scenario, out)
     return out
 
@@ -194,3 +194,29 @@ def test_trainer_builds_the_optimizer_through_the_factory_protocol_under_ddp(res
     assert_identical(plain["params"], layerwise["params"])  # layer-wise + gradient accumulation 2 under DDP
     assert_identical(layerwise["params"], other_rank["params"])
     torch.testing.assert_close(torch.tensor(layerwise["grad_norms"]), torch.tensor(plain["grad_norms"]))
+
+
+# 8-bit state is quantised in blocks of the flat ZeRO partition (not of each tensor), so it rounds differently.
+DEEPSPEED_RTOL = {"adamw_8bit": 5e-2, "galore_8bit": 5e-2, "frugal_sgd": LOOSER["frugal_sgd"]}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("mode", worker.DEEPSPEED_MODES)
+def test_deepspeed_zero_matches_one_process(results, single_process, mode, stage):
+    reference, _, _ = single_process(mode)
+    rank0, rank1 = load(results, f"deepspeed{stage}-{mode}")
+    assert_identical(rank0["params"], rank1["params"])
+    assert update_error(rank0["params"], reference) < DEEPSPEED_RTOL.get(mode, UPDATE_RTOL)
+
+
+def test_deepspeed_refuses_what_a_flat_partition_cannot_do(results):
+    refused, _ = load(results, "deepspeed-refused")
+    assert "inner='adafactor' factors the second moment" in refused["galore_adafactor"]
+    assert "layer-wise optimizers are not supported under DeepSpeed" in refused["galore-layerwise"]
+
+
+def test_trainer_with_deepspeed_zero2_matches_trainer_with_ddp(results):
+    deepspeed_run, _ = load(results, "trainer-deepspeed")
+    ddp_run, _ = load(results, "trainer-plain")
+    assert deepspeed_run["wrapped"] == "DeepSpeedEngine"
+    assert update_error(deepspeed_run["params"], ddp_run["params"]) < UPDATE_RTOL  # same losses, fp32 accuracy

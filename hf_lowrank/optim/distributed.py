@@ -123,13 +123,15 @@ def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
 
 @dataclass
 class RefreshItem:
-    """One projector refresh: ``fit(full_gradient)`` runs the refresh; ``grad`` is the local gradient."""
+    """One projector refresh: ``fit(full_gradient)`` runs the refresh; ``grad`` is the local gradient (or piece);
+    ``gather(stats)``, when given, returns the full gradient on the owner (None elsewhere)."""
 
     projector: object
     grad: torch.Tensor
     layout: Layout
     owner: int
     fit: object
+    gather: object = None
 
 
 class CommStats:
@@ -192,6 +194,8 @@ def _refresh(items: list[RefreshItem], stats: CommStats) -> None:
 def _full_gradient_on_owner(item: RefreshItem, stats: CommStats):
     """The full ``m x n`` gradient on the owner (None elsewhere): the local one when replicated, else gathered."""
     layout, grad = item.layout, item.grad
+    if item.gather is not None:
+        return item.gather(stats)
     if not layout.sharded:
         return grad if layout.rank == item.owner else None
     chunk = -(-layout.global_rows // layout.world_size)
@@ -236,3 +240,76 @@ def _broadcast_projectors(items: list[RefreshItem], stats: CommStats) -> None:
         if layout.rank != owner:
             for item in members:
                 item.projector.load_state_dict(states[id(item)])
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Matrix ``index`` (of shape ``shape``, flattened row-major at ``offset`` in the flat group buffer) and the
+    elements ``[start, end)`` of it that this rank's partition holds (``start == end``: none), at ``local`` in it."""
+
+    index: int
+    shape: tuple
+    offset: int
+    start: int
+    end: int
+    local: int
+
+    def block(self, flat: torch.Tensor):
+        """``(first row, rows x n block)`` holding this rank's elements, zero elsewhere (partial first/last rows)."""
+        n = self.shape[1]
+        first, last = self.start // n, (self.end - 1) // n
+        block = flat.new_zeros((last - first + 1, n))
+        block.view(-1)[self.start - first * n: self.end - first * n] = flat[self.local: self.local + self.end - self.start]
+        return first, block
+
+    def add_(self, flat: torch.Tensor, first: int, block: torch.Tensor, alpha: float) -> None:
+        """``flat[this rank's elements] += alpha * block[those elements]``."""
+        n = self.shape[1]
+        values = block.reshape(-1)[self.start - first * n: self.end - first * n]
+        flat[self.local: self.local + self.end - self.start].add_(values.to(flat.dtype), alpha=alpha)
+
+
+@dataclass
+class FlatPartition:
+    """A group flattened into one buffer and split into equal contiguous partitions, one per rank (DeepSpeed
+    ZeRO-1/2): the optimizer holds this rank's partition as a single 1-D parameter. Matrices cut anywhere,
+    even mid-row; every rank knows every rank's range, so pieces are gathered without exchanging sizes."""
+
+    group: object
+    rank: int
+    world_size: int
+    partition_size: int
+    matrices: list  # (original index, shape, offset) in flat-buffer order
+    owners: list
+
+    def pieces(self, rank: int | None = None) -> list[Piece]:
+        rank = self.rank if rank is None else rank
+        begin, finish = rank * self.partition_size, (rank + 1) * self.partition_size
+        out = []
+        for index, shape, offset in self.matrices:
+            numel = shape[0] * shape[1]
+            lo, hi = max(begin, offset), min(finish, offset + numel)
+            out.append(Piece(index, shape, offset, lo - offset if hi > lo else 0, hi - offset if hi > lo else 0,
+                             lo - begin if hi > lo else 0))
+        return out
+
+    def layout(self) -> Layout:
+        return Layout(self.group, self.rank, self.world_size, sharded=True)
+
+    def gather(self, k: int, flat_grad: torch.Tensor, owner: int, stats: CommStats):
+        """Matrix ``k``'s full gradient on ``owner`` (None elsewhere), gathered from every rank's piece."""
+        pieces = [self.pieces(r)[k] for r in range(self.world_size)]
+        longest = max(max(p.end - p.start for p in pieces), 1)
+        mine = pieces[self.rank]
+        send = flat_grad.new_zeros(longest)
+        send[: mine.end - mine.start] = flat_grad[mine.local: mine.local + mine.end - mine.start]
+        received = [torch.empty_like(send) for _ in pieces] if self.rank == owner else None
+        dist.gather(send, received, group=self.group, group_dst=owner)
+        stats.count("refresh", send, self.world_size - 1)
+        if self.rank != owner:
+            return None
+        shape = pieces[0].shape
+        full = flat_grad.new_zeros(shape[0] * shape[1])
+        for piece, values in zip(pieces, received):
+            full[piece.start: piece.end] = values[: piece.end - piece.start]
+        return full.view(shape)

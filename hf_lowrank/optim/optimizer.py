@@ -155,15 +155,19 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._layouts: dict[torch.Tensor, dist_driver.Layout] = {}
         self._owners: dict[torch.Tensor, int] = {}
         self._skips: dict[torch.Tensor, torch.Tensor] = {}
+        self._flat: dict[torch.Tensor, dist_driver.FlatPartition] = {}
         self._skipped_steps: torch.Tensor | None = None
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "inner": inner,
                     **INNER_OPTION_DEFAULTS, **inner_options}
+        self.original_parameters: dict[int, int] = {}  # id -> index, kept when a wrapper replaces the groups' params
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
         self._owners.clear()
+        for p in self.param_groups[-1]["params"]:
+            self.original_parameters.setdefault(id(p), len(self.original_parameters))
 
     # --- stepping ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,7 +207,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("ProjectedOptimizer does not support sparse gradients.")
         inner = get_inner(group["inner"])
         layouts = [self._layout(p, group) for p in params]
-        if "rank" in group:
+        if "rank" in group and params[0] in self._flat:
+            self._flat_projected_step(params[0], group, oks[0], inner)
+        elif "rank" in group:
             params, oks = self._projected_step(params, layouts, group, oks, inner)
         else:
             local_params = [dist_driver.local(p) for p in params]
@@ -255,6 +261,74 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 dist_driver.local(p).add_(residual.mul_(ok), alpha=-lr)
         return params, oks
 
+    def _flat_projected_step(self, flat, group, ok, inner) -> None:
+        """The projected step of a group held as one flat partition (DeepSpeed ZeRO-1/2). Each matrix's low-rank
+        gradient is the sum of every rank's piece's contribution (one all-reduce), so every rank holds the same
+        low-rank moments; each rank then writes the update into its own elements only."""
+        partition, layout = self._flat[flat], self._layouts[flat]
+        grad = flat.grad
+        _zero_where_skipped([grad], [ok])
+        state = self.state[flat]
+        state.setdefault("step", 0)
+        pieces_state = state.setdefault("pieces", {})
+        pieces = partition.pieces()
+        states = [pieces_state.setdefault(piece.index, {}) for piece in pieces]
+        projectors = []
+        for piece, piece_state in zip(pieces, states):
+            key = (flat, piece.index)
+            if key not in self._projectors:
+                self._projectors[key] = self._new_projector(piece.shape, piece.index, group, piece_state)
+            projectors.append(self._projectors[key])
+        due = [i for i, pr in enumerate(projectors)
+               if state["step"] % group["update_proj_gap"] == 0 or not pr.initialized]
+        if due:
+            entries = [(pr, st, grad, layout, partition.owners[k], partial(self._fit, flat, pr, group),
+                        partial(partition.gather, k, grad, partition.owners[k]))
+                       for k, (pr, st) in enumerate(zip(projectors, states))]
+            if self._refresh(due, entries, group, [ok] * len(pieces)):
+                return  # the gradient is not finite: skipped, and the refresh runs at the next step
+        lows, blocks = [], []
+        for piece, pr in zip(pieces, projectors):
+            basis = pr.basis().to(grad.dtype)
+            held = piece.end > piece.start
+            first, block = piece.block(grad) if held else (0, None)
+            blocks.append((first, block))
+            rows = block.shape[0] if held else 0
+            if pr.side == "right":
+                low = grad.new_zeros((piece.shape[0], pr.rank))
+                if held:
+                    low[first: first + rows] = block @ basis
+            else:
+                low = basis[first: first + rows].T @ block if held else grad.new_zeros((pr.rank, piece.shape[1]))
+            lows.append(low)
+        for low in lows:  # the same order on every rank
+            dist_driver.all_reduce_(low, layout)
+            self.comm.count("step", low)
+        for piece_state, low in zip(states, lows):
+            if "moment_step" not in piece_state:
+                inner.init_state(piece_state, low.shape, low, group)
+        state["step"] += 1
+        lr = group["lr"] * group["scale"] * group["residual_lr_scale"]
+        steps = inner.update(states, lows, group, [ok] * len(pieces))
+        for piece, pr, low, step, (first, block) in zip(pieces, projectors, lows, steps, blocks):
+            if block is None:
+                continue
+            basis, rows = pr.basis().to(grad.dtype), block.shape[0]
+            back = (lambda x: x[first: first + rows] @ basis.T) if pr.side == "right" else \
+                (lambda x: basis[first: first + rows] @ x)
+            piece.add_(flat, first, back(step), alpha=-group["scale"])
+            if group["residual"] != "none":
+                residual = block - back(low)
+                if group["residual"] == "signsgd":
+                    residual.sign_()
+                piece.add_(flat, first, residual.mul_(ok), alpha=-lr)
+
+    def use_flat_partition(self, flat: torch.Tensor, partition: "dist_driver.FlatPartition") -> None:
+        """Declare that ``flat`` (a 1-D parameter of one of the groups) is this rank's partition of the group's
+        matrices as described by ``partition`` (see ``hf_lowrank.optim.deepspeed.attach_zero``)."""
+        self._flat[flat] = partition
+        self._layouts[flat] = partition.layout()  # flags agreed over the ranks; no DTensor state
+
     def _project(self, projector, basis, grad, layout):
         """The low-rank gradient of the local data; a left projection of a row shard sums over the shards."""
         if projector.side == "right":
@@ -273,21 +347,27 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if p.dim() != 2:
                 raise ValueError(
                     f"Projected parameter {self._name(p, group)} has shape {tuple(p.shape)} at step time: it was "
-                    "flattened after the optimizer was built (DeepSpeed ZeRO and FSDP1 flatten parameters). "
-                    "Low-rank modes support DDP and FSDP2 (fully_shard); see the README's support table."
+                    "flattened after the optimizer was built (DeepSpeed ZeRO and FSDP1 flatten parameters). Under "
+                    "DeepSpeed ZeRO-1/2 call hf_lowrank.optim.deepspeed.attach_zero(engine.optimizer) once after "
+                    "deepspeed.initialize (Trainer: add hf_lowrank.optim.deepspeed.DeepSpeedZeroCallback()); FSDP1 "
+                    "is not supported: use FSDP2 (fully_shard). See the README's support table."
                 )
-            shape = tuple(p.shape)
-            rank = group["rank"]
-            if rank is None:
-                side = resolve_side(shape, group["proj_type"])
-                rank = max(1, round(group["density"] * shape[0 if side == "left" else 1]))
-            options = dict(group["projector_options"])
-            if "seed" in projector_option_names(group["projector"]):
-                options["seed"] = options.get("seed", 0) + self._param_index(p)  # distinct per parameter
-            projector = get_projector(group["projector"], shape, rank, group["proj_type"], **options)
-            if self.state[p].get("projector"):
-                projector.load_state_dict(self.state[p]["projector"])
+            projector = self._new_projector(tuple(p.shape), self._param_index(p), group, self.state[p])
             self._projectors[p] = projector
+        return projector
+
+    @staticmethod
+    def _new_projector(shape, index: int, group: dict, state: dict):
+        rank = group["rank"]
+        if rank is None:
+            side = resolve_side(shape, group["proj_type"])
+            rank = max(1, round(group["density"] * shape[0 if side == "left" else 1]))
+        options = dict(group["projector_options"])
+        if "seed" in projector_option_names(group["projector"]):
+            options["seed"] = options.get("seed", 0) + index  # distinct per parameter
+        projector = get_projector(group["projector"], shape, rank, group["proj_type"], **options)
+        if state.get("projector"):
+            projector.load_state_dict(state["projector"])
         return projector
 
     def _param_index(self, p: torch.Tensor) -> int:
@@ -297,10 +377,18 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def _layout(self, p: torch.Tensor, group: dict) -> dist_driver.Layout:
         layout = self._layouts.get(p)
         if layout is None:
+            if not dist_driver.is_dtensor(p) and id(p) not in self.original_parameters:
+                raise ValueError(
+                    f"A parameter of shape {tuple(p.shape)} that this optimizer was not built with is in its groups "
+                    "(a wrapper replaced them: DeepSpeed ZeRO-1/2 flattens each group into one partition). Call "
+                    "hf_lowrank.optim.deepspeed.attach_zero(engine.optimizer) after deepspeed.initialize (Trainer: "
+                    "add hf_lowrank.optim.deepspeed.DeepSpeedZeroCallback()), so each rank's partition is mapped to "
+                    "the matrices and the ranks agree on skipped steps."
+                )
             if dist_driver.is_dtensor(p) and self.distributed == "off":
                 raise ValueError("`distributed`='off' cannot step DTensor (FSDP2) parameters; use 'auto'.")
             layout = dist_driver.layout_of(p, replicated=self.distributed == "auto")
-            if layout.sharded and group["inner"] not in _SHARDABLE_INNERS:
+            if layout.sharded and group["inner"] not in _SHARDABLE_INNERS:  # DTensors (flat partitions are set)
                 raise ValueError(
                     f"inner={group['inner']!r} is not supported on FSDP2-sharded parameters yet (its state is "
                     f"block-wise or factored over the whole matrix, not per row); parameter {self._name(p, group)}. "
@@ -321,23 +409,31 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def _refresh_due(self, due, params, layouts, projectors, states, group, oks) -> set[int]:
         """Refresh the projectors of ``due``; returns those left waiting for a finite gradient (one host sync:
         a refresh is computed from the gradient, so it needs to know)."""
+        grads = [dist_driver.local(p.grad) for p in params]
+        owners = [self._owner(p, layout) if layout.distributed else 0 for p, layout in zip(params, layouts)]
+        fits = [partial(self._fit, p, projector, group) for p, projector in zip(params, projectors)]
+        return self._refresh(due, [(projectors[i], states[i], grads[i], layouts[i], owners[i], fits[i], None)
+                                   for i in range(len(params))], group, oks)
+
+    def _refresh(self, due, entries, group, oks) -> set[int]:
+        """``entries[i]``: (projector, state, local gradient, layout, owner, fit, gather); see ``_refresh_due``."""
         finite = torch.stack([oks[i] for i in due]).cpu().tolist()
         waiting = {i for i, ok in zip(due, finite) if not ok}
         due = [i for i in due if i not in waiting]
-        previous = {i: projectors[i].basis() for i in due
-                    if group["moment_policy"] == "rotate" and "moment_step" in states[i] and projectors[i].initialized}
-        items = [dist_driver.RefreshItem(projectors[i], dist_driver.local(params[i].grad), layouts[i],
-                                         self._owner(params[i], layouts[i]) if layouts[i].distributed else 0,
-                                         partial(self._fit, params[i], projectors[i], group)) for i in due]
+        policy = group["moment_policy"]
+        previous = {i: entries[i][0].basis() for i in due
+                    if policy == "rotate" and "moment_step" in entries[i][1] and entries[i][0].initialized}
+        items = [dist_driver.RefreshItem(*(entries[i][j] for j in (0, 2, 3, 4, 5)), gather=entries[i][6])
+                 for i in due]
         dist_driver.refresh(items, self.comm)
         inner = get_inner(group["inner"])
         for i in due:
-            state, projector = states[i], projectors[i]
+            projector, state, grad = entries[i][:3]
             state["projector"] = projector.state_dict()
             if "moment_step" not in state:
                 continue
-            if group["moment_policy"] == "reset":
-                inner.init_state(state, state_shape(state), dist_driver.local(params[i].grad), group)
+            if policy == "reset":
+                inner.init_state(state, state_shape(state), grad, group)
             elif i in previous:
                 self._rotate_moments(state, projector, previous[i], inner, group)
         return waiting
