@@ -40,6 +40,7 @@ ARMS = [
     ("DDP", "adamw", False), ("DDP", "galore", False), ("DDP", "galore", True), ("DDP", "galore:every-rank", False),
     ("DDP", "transformers galore_adamw", False), ("DDP", "transformers galore_adamw_layerwise", True),
     ("FSDP2", "adamw", False), ("FSDP2", "galore", False), ("FSDP2", "galore", True),
+    ("FSDP2", "transformers galore_adamw", False),
 ]
 
 
@@ -73,13 +74,15 @@ def reset_peak() -> None:
 
 
 def galore_torch_state_bytes(optimizer) -> int:
+    from hf_lowrank.optim.distributed import local
+
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
+            value = getattr(value, "ortho_matrix", value)  # galore-torch's projector object holds its basis
             if torch.is_tensor(value):
+                value = local(value)  # a DTensor counts its local shard
                 total += value.numel() * value.element_size()
-            elif getattr(value, "ortho_matrix", None) is not None:  # galore-torch's projector object
-                total += value.ortho_matrix.numel() * value.ortho_matrix.element_size()
     return total
 
 
@@ -108,7 +111,12 @@ def build_arm(layout, mode, layerwise, args):
     if mode.startswith("transformers"):
         from transformers import Trainer, TrainingArguments
 
-        wrapped = DistributedDataParallel(model)
+        if layout == "FSDP2":
+            for layer in model.model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        else:
+            wrapped = DistributedDataParallel(model)
         training_args = TrainingArguments("/tmp/unused", optim=mode.split()[1], optim_target_modules=["attn", "mlp"],
                                           optim_args=f"rank={args.rank}, update_proj_gap={args.gap}", use_cpu=True,
                                           learning_rate=1e-3, report_to=[])
@@ -147,7 +155,11 @@ def run_arm(layout, mode, layerwise, args, rank, world_size):
             reset_peak()
         started = time.perf_counter()
         wrapped(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
+        try:
+            optimizer.step()
+        except Exception as err:  # an anchor that cannot step this layout: recorded, not hidden
+            row["refused"] = f"fails at step(): {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            return row
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
     row["peak_bytes"] = (memory_kb()["VmHWM"] - baseline) * 1024
@@ -190,6 +202,7 @@ def refresh_times(args, repeats=7):
     times = {policy: [] for policy in optimizers}
     for _ in range(repeats):
         for policy, optimizer in optimizers.items():
+            torch.distributed.barrier()  # start together: a rank's lead in the previous call is not waiting time
             before = optimizer.comm.refresh_seconds
             optimizer.step()
             times[policy].append(optimizer.comm.refresh_seconds - before)
