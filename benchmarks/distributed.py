@@ -100,35 +100,33 @@ def local_state_bytes(optimizer) -> int:
     return sum(count(state) for state in optimizer.state.values())
 
 
-def build_arm(layout, mode, layerwise, args):
+def wrap(model, layout):
+    """DDP, or FSDP2 with ``fully_shard`` on each decoder layer and at the root."""
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    if layout == "DDP":
+        return DistributedDataParallel(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def build_arm(layout, mode, layerwise, args):
     from hf_lowrank import create_optimizer
 
     model = common.build_llama(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, max_positions=args.seq)
     options = {"rank": args.rank, "update_proj_gap": args.gap, "lr": 1e-3, "target_modules": common.PAPER_TARGET_MODULES}
+    wrapped = wrap(model, layout)
     if mode.startswith("transformers"):
         from transformers import Trainer, TrainingArguments
 
-        if layout == "FSDP2":
-            for layer in model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        else:
-            wrapped = DistributedDataParallel(model)
         training_args = TrainingArguments("/tmp/unused", optim=mode.split()[1], optim_target_modules=["attn", "mlp"],
                                           optim_args=f"rank={args.rank}, update_proj_gap={args.gap}", use_cpu=True,
                                           learning_rate=1e-3, report_to=[])
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
         params = kwargs.pop("params")
         return model, wrapped, cls(params, **kwargs), "galore-torch"
-    if layout == "FSDP2":
-        for layer in model.model.layers:
-            fully_shard(layer)
-        wrapped = fully_shard(model)
-    else:
-        wrapped = DistributedDataParallel(model)
     name = mode.split(":")[0]
     if mode.endswith(":every-rank"):
         options["distributed"] = "off"
@@ -189,12 +187,10 @@ def run_arm(layout, mode, layerwise, args, rank, world_size):
 def refresh_times(args, repeats=7):
     """Per-rank wall time of one refresh of every projected matrix, owner + broadcast vs every rank recomputing
     everything, measured interleaved on the same DDP model and gradient (update_proj_gap=1, lr=0)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     from hf_lowrank import create_optimizer
 
     model = common.build_llama(args.hidden, args.intermediate, args.heads, args.layers, args.vocab, max_positions=args.seq)
-    ddp = DistributedDataParallel(model)
+    ddp = wrap(model, "DDP")
     ids = common.random_windows(common.load_corpus("train"), args.batch, args.seq, torch.Generator().manual_seed(0))
     ddp(input_ids=ids % args.vocab, labels=ids % args.vocab).loss.backward()
     options = {"rank": args.rank, "update_proj_gap": 1, "lr": 0.0, "target_modules": common.PAPER_TARGET_MODULES}

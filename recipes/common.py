@@ -42,6 +42,8 @@ logger = logging.get_logger("hf_lowrank.recipes")
 
 RECIPES_DIR = Path(__file__).resolve().parent
 LORA_MODE = "lora"
+# Layer-sampling arms: GaLore inside gamma sampled blocks, by outlier ratio (OwLore) or uniformly (LISA).
+LAYER_SAMPLING_MODES = {"owlore": "owl", "lisa": "uniform"}
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -85,6 +87,15 @@ class RecipeConfig:
         metadata={"help": "Extra create_optimizer options, e.g. mode_options.moment_policy=rotate."},
     )
     layerwise: bool = field(default=False, metadata={"help": "Per-layer optimizer steps from gradient hooks."})
+    # Layer sampling (mode=owlore / mode=lisa): GaLore with rank/update_proj_gap/scale inside the sampled blocks.
+    sampling_gamma: int = field(default=5, metadata={"help": "Blocks trained at a time (mode=owlore/lisa)."})
+    sampling_interval: int = field(default=50, metadata={"help": "Steps between block resamples (owlore/lisa)."})
+    sampling_seed: int = field(default=0, metadata={"help": "Seed of the block sampling (owlore/lisa)."})
+    outlier_ratios: str = field(
+        default="", metadata={"help": "JSON of per-block outlier ratios (hf_lowrank.owlore.save_ratios); empty: "
+                                      "computed on calibration batches of the training data (mode=owlore)."})
+    outlier_m: float = field(default=5.0, metadata={"help": "OWL's outlier multiple M (mode=owlore)."})
+    calibration_batches: int = field(default=8, metadata={"help": "Training batches scored for the ratios."})
     # LoRA comparison arm (mode=lora).
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (mode=lora)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (mode=lora)."})
@@ -329,7 +340,7 @@ def available_modes() -> list[str]:
     """Every mode a recipe accepts: the registered optimizer modes plus the PEFT LoRA comparison arm."""
     from hf_lowrank.optim import available_modes as optim_modes
 
-    return sorted(set(optim_modes()) | {LORA_MODE})
+    return sorted(set(optim_modes()) | {LORA_MODE} | set(LAYER_SAMPLING_MODES))
 
 
 def check_mode(mode: str) -> None:
@@ -366,9 +377,13 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
     if cfg.mode == LORA_MODE:
         model = apply_lora(model, cfg, task_type)
         return model, optimizer_factory("adamw", **common)
+    if cfg.mode in LAYER_SAMPLING_MODES:  # the optimizer holds every block; the callback freezes all but gamma
+        from hf_lowrank.owlore import unfreeze_all_blocks
+
+        unfreeze_all_blocks(model)
     # Modes without a projector (adamw, adamw_8bit) ignore the low-rank keywords, so one call serves every mode.
     spec = optimizer_factory(
-        cfg.mode,
+        "galore" if cfg.mode in LAYER_SAMPLING_MODES else cfg.mode,
         target_modules=cfg.target_modules,
         rank=cfg.rank,
         update_proj_gap=cfg.update_proj_gap,
@@ -379,6 +394,34 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
         **cfg.mode_options,
     )
     return model, spec
+
+
+def layer_sampling_callbacks(model, cfg: RecipeConfig, train_dataset, data_collator) -> list:
+    """``[OwLoreCallback]`` for mode=owlore / mode=lisa (empty otherwise). OwLore's outlier ratios come from
+    ``cfg.outlier_ratios`` or are computed on the first ``cfg.calibration_batches`` training batches."""
+    if cfg.mode not in LAYER_SAMPLING_MODES:
+        return []
+    from hf_lowrank.owlore import OwLoreCallback, compute_outlier_ratios, load_ratios
+
+    sampling, ratios = LAYER_SAMPLING_MODES[cfg.mode], None
+    if sampling == "owl" and cfg.outlier_ratios:
+        ratios = load_ratios(cfg.outlier_ratios)["ratios"]
+    elif sampling == "owl":
+        if train_dataset is None:
+            raise ValueError("mode=owlore without training data: pass outlier_ratios=<file from save_ratios>.")
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(train_dataset, batch_size=cfg.batch_size, collate_fn=data_collator)
+        batches = [{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                   for _, batch in zip(range(cfg.calibration_batches), loader)]
+        ratios = compute_outlier_ratios(model, batches, M=cfg.outlier_m)
+        logger.warning(f"OwLore outlier ratios (M={cfg.outlier_m}): {[round(r, 5) for r in ratios]}")
+    callback = OwLoreCallback(gamma=cfg.sampling_gamma, interval=cfg.sampling_interval, sampling=sampling,
+                              ratios=ratios, seed=cfg.sampling_seed)
+    from hf_lowrank.owlore import find_blocks
+
+    callback.probabilities(len(find_blocks(model)[1]))  # gamma and ratios checked before training
+    return [callback]
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -524,7 +567,8 @@ def fit(cfg: RecipeConfig, model, optimizer_spec, train_dataset, data_collator=N
         data_collator=data_collator,
         processing_class=processing_class,
         optimizer_cls_and_kwargs=optimizer_spec,
-        callbacks=[meter, NonFiniteLogCallback(), LayerwiseGradNormCallback()],
+        callbacks=[*layer_sampling_callbacks(model, cfg, train_dataset, data_collator), meter,
+                   NonFiniteLogCallback(), LayerwiseGradNormCallback()],
     )
     if cfg.do_train:
         trainer.train()

@@ -292,3 +292,41 @@ def test_gradient_checkpointing_steps_each_parameter_once(models):
     optimizer.remove_hooks()
     assert len(calls) == len(data) * len(list(model.parameters()))
     assert_same_parameters(reference, model)
+
+
+def test_parameters_unfrozen_after_construction_are_stepped_layerwise():
+    """Layer-sampling methods (OwLore, LISA) unfreeze blocks after the optimizer is built."""
+    model = make_tiny_llama()
+    optimizer = make_layerwise(make_optimizer(model), model)
+    late = model.model.layers[1].mlp.up_proj.weight
+    try:
+        late.requires_grad_(False)
+        backward(model, batches(1)[0])
+        before = late.detach().clone()
+        late.requires_grad_(True)  # unfrozen after the optimizer (and its hooks) exist
+        backward(model, batches(1, seed=1)[0])
+        assert not torch.equal(late, before) and late.grad is None  # stepped inside backward and freed
+        assert optimizer.last_grad_norm is not None
+    finally:
+        optimizer.remove_hooks()
+
+
+def test_release_state_frees_a_parameter_and_it_restarts_fresh():
+    from hf_lowrank.optim import optimizer_state_bytes
+
+    model = make_tiny_llama()
+    optimizer = make_optimizer(model)
+    data = batches(3)
+    for ids in data[:2]:
+        backward(model, ids)
+        optimizer.step()
+        optimizer.zero_grad()
+    block = [p for p in model.model.layers[0].parameters()]
+    total = optimizer_state_bytes(optimizer)
+    freed = optimizer.release_state(block)
+    assert freed > 0 and optimizer_state_bytes(optimizer) == total - freed
+    assert all(p not in optimizer.state for p in block)
+    backward(model, data[2])
+    optimizer.step()  # reactivated: fresh moments and a refitted projector
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert optimizer.state[weight]["moment_step"] == 1 and optimizer.state[weight]["projector"]

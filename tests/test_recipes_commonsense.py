@@ -123,3 +123,18 @@ def test_end_to_end_finetune_and_eval_writes_results(tmp_path):
     assert record["train_info"]["steps"] == 2 and record["train_info"]["main_metric"] == "average"
     assert record["train_info"]["num_eval_examples"] == {"boolq": 3, "piqa": 3, "hellaswag": 1}
     assert metrics["average"] == pytest.approx(sum(metrics[t] for t in ("boolq", "piqa", "hellaswag")) / 3)
+
+
+@pytest.mark.parametrize("mode", ["owlore", "lisa"])
+def test_layer_sampling_modes_train_sampled_blocks(tmp_path, mode):
+    model_dir = save_tiny_causal_lm(tmp_path / "model")
+    metrics = cs.main([
+        "--config", str(REPO / "recipes" / "configs" / "commonsense" / "smollm2_adamw.yaml"),
+        f"model_name_or_path={model_dir}", "tasks=[boolq]", f"mode={mode}", "sampling_gamma=1",
+        "sampling_interval=1", "calibration_batches=2", "rank=4", "max_steps=2", "batch_size=2",
+        "max_seq_length=96", "max_eval_samples=3", "max_train_samples=8", f"results_dir={tmp_path / 'results'}",
+        f"output_dir={tmp_path / 'out'}", "progress=false",
+    ])
+    record = json.loads((tmp_path / "results" / f"commonsense--{mode}--smollm2.json").read_text())
+    assert record["train_info"]["steps"] == 2 and 0 <= metrics["boolq"] <= 1
+    assert record["train_info"]["optimizer_state_bytes"] > 0

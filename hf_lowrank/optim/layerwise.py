@@ -107,13 +107,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._stepped_params = set()
         self._grad_norm_sq = None
         self._last_grad_norm_sq = None
+        self._active_count = 0
         self._hook_groups(range(len(optimizer.param_groups)))
         if not self._hooks:
             raise ValueError("make_layerwise: the optimizer holds no parameter with requires_grad=True.")
         if ddp is not None:
             self.attach_ddp(ddp)
-        else:  # Trainer / accelerate wrap the model after the optimizer is built: attach at its first DDP forward
-            self._hooks.append(model.register_forward_pre_hook(self._attach_active_ddp))
+        self._hooks.append(model.register_forward_pre_hook(self._before_forward))
 
     # The wrapper has no state of its own: groups, state and defaults are the inner optimizer's (like
     # accelerate's AcceleratedOptimizer), so schedulers and checkpoints see the real thing even after
@@ -143,8 +143,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = defaults
 
     def _hook_groups(self, indices):
-        """Check every trainable parameter of these groups, then hook them all (nothing is hooked on error)."""
-        params = [(i, p) for i in indices for p in self.optimizer.param_groups[i]["params"] if p.requires_grad]
+        """Check every trainable, not yet hooked parameter of these groups, then hook them all (nothing is hooked
+        on error)."""
+        params = [(i, p) for i in indices for p in self.optimizer.param_groups[i]["params"]
+                  if p.requires_grad and p not in self._hooked_params]
         for _, param in params:
             if param not in self._param_names:
                 raise ValueError(
@@ -163,12 +165,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             # The group dict is looked up by index at step time: load_state_dict replaces the dicts.
             self._group_index[param] = index
             self._hooks.append(param.register_post_accumulate_grad_hook(partial(self._on_grad_ready, index)))
+        self._active_count = sum(p.requires_grad for p in self._hooked_params)
 
-    # --- DDP -----------------------------------------------------------------------------------------
-    def _attach_active_ddp(self, module, args):
+    def hook_new_trainable(self) -> None:
+        """Hook the optimizer's parameters that became trainable since the last call (e.g. blocks a layer-sampling
+        callback unfroze). Runs by itself before every forward of the model."""
+        self._hook_groups(range(len(self.optimizer.param_groups)))
+
+    def release_state(self, params) -> int:
+        """Free the optimizer state of ``params`` (see ``ProjectedOptimizer.release_state``)."""
+        return self.optimizer.release_state(params)
+
+    def _before_forward(self, module, args):
+        self.hook_new_trainable()
+        self._active_count = sum(p.requires_grad for p in self._hooked_params)
         ddp = DistributedDataParallel._get_active_ddp_module()
+        # Trainer / accelerate wrap the model after the optimizer is built: attach at its first DDP forward
         if self._ddp is None and ddp is not None and unwrap_data_parallel(ddp) is self.model:
             self.attach_ddp(ddp)
+
+    # --- DDP -----------------------------------------------------------------------------------------
 
     def attach_ddp(self, ddp_model: DistributedDataParallel) -> None:
         """Step this optimizer's parameters from DDP's reduced buckets (a communication hook on ``ddp_model``)."""
@@ -253,7 +269,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         grad = param.grad.to_local() if is_dtensor(param.grad) else param.grad
         norm_sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         self._grad_norm_sq = norm_sq if self._grad_norm_sq is None else self._grad_norm_sq + norm_sq
-        if len(self._stepped_params) == len(self._hooked_params):
+        if len(self._stepped_params) == self._active_count:
             self._finish_grad_norm()
 
     def _finish_grad_norm(self):

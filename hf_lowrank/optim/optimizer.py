@@ -510,6 +510,18 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             report["skipped_params"] = {k: v for k, v in counts.items() if v}
         return report
 
+    def release_state(self, params) -> int:
+        """Free the optimizer state of ``params`` (moments, projector, skip counters), e.g. of blocks that a
+        layer-sampling method (OwLore, LISA) deactivated, so memory does not grow across resamples. A released
+        parameter that trains again starts from fresh state: its projector is refitted at its next step.
+        Returns the bytes freed."""
+        freed = 0
+        for p in params:
+            freed += optimizer_state_bytes_of(self.state.pop(p, {}))
+            self._projectors.pop(p, None)
+            self._skips.pop(p, None)
+        return freed
+
     def _group_of(self, p) -> dict:
         return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
@@ -647,19 +659,21 @@ def _to_device(value, device):
     return value
 
 
+def optimizer_state_bytes_of(value) -> int:
+    """Bytes of every tensor in ``value`` (a tensor, or nested dicts / lists of them); meta tensors count too."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(optimizer_state_bytes_of(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(optimizer_state_bytes_of(v) for v in value)
+    return 0
+
+
 def optimizer_state_bytes(optimizer) -> int:
     """Exact bytes of every tensor in ``optimizer.state`` (moments, 8-bit codes and scales, projector tensors).
 
     Meta tensors count by shape and dtype, so call ``optimizer.init_state()`` on a meta-device model to size state
     without allocating it.
     """
-    def count(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(count(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(count(v) for v in value)
-        return 0
-
-    return sum(count(state) for state in optimizer.state.values())
+    return sum(optimizer_state_bytes_of(state) for state in optimizer.state.values())
