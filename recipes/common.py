@@ -42,8 +42,9 @@ logger = logging.get_logger("hf_lowrank.recipes")
 
 RECIPES_DIR = Path(__file__).resolve().parent
 LORA_MODE = "lora"
-# Layer-sampling arms: GaLore inside gamma sampled blocks, by outlier ratio (OwLore) or uniformly (LISA).
-LAYER_SAMPLING_MODES = {"owlore": "owl", "lisa": "uniform"}
+# Layer-sampling arms: (sampling, optimizer mode inside the gamma sampled blocks): OwLore samples by outlier ratio
+# and trains with GaLore; LISA samples uniformly and trains with AdamW.
+LAYER_SAMPLING_MODES = {"owlore": ("owl", "galore"), "lisa": ("uniform", "adamw")}
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -87,7 +88,7 @@ class RecipeConfig:
         metadata={"help": "Extra create_optimizer options, e.g. mode_options.moment_policy=rotate."},
     )
     layerwise: bool = field(default=False, metadata={"help": "Per-layer optimizer steps from gradient hooks."})
-    # Layer sampling (mode=owlore / mode=lisa): GaLore with rank/update_proj_gap/scale inside the sampled blocks.
+    # Layer sampling: mode=owlore (GaLore with rank/update_proj_gap/scale in the sampled blocks), mode=lisa (AdamW).
     sampling_gamma: int = field(default=5, metadata={"help": "Blocks trained at a time (mode=owlore/lisa)."})
     sampling_interval: int = field(default=50, metadata={"help": "Steps between block resamples (owlore/lisa)."})
     sampling_seed: int = field(default=0, metadata={"help": "Seed of the block sampling (owlore/lisa)."})
@@ -383,7 +384,7 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
         unfreeze_all_blocks(model)
     # Modes without a projector (adamw, adamw_8bit) ignore the low-rank keywords, so one call serves every mode.
     spec = optimizer_factory(
-        "galore" if cfg.mode in LAYER_SAMPLING_MODES else cfg.mode,
+        LAYER_SAMPLING_MODES[cfg.mode][1] if cfg.mode in LAYER_SAMPLING_MODES else cfg.mode,
         target_modules=cfg.target_modules,
         rank=cfg.rank,
         update_proj_gap=cfg.update_proj_gap,
@@ -403,7 +404,7 @@ def layer_sampling_callbacks(model, cfg: RecipeConfig, train_dataset, data_colla
         return []
     from hf_lowrank.owlore import OwLoreCallback, compute_outlier_ratios, load_ratios
 
-    sampling, ratios = LAYER_SAMPLING_MODES[cfg.mode], None
+    sampling, ratios = LAYER_SAMPLING_MODES[cfg.mode][0], None
     if sampling == "owl" and cfg.outlier_ratios:
         ratios = load_ratios(cfg.outlier_ratios)["ratios"]
     elif sampling == "owl":
