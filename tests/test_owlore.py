@@ -208,3 +208,15 @@ def test_blocks_of_other_architectures_are_found():
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                 vocab_size=64))
     assert find_blocks(bert)[0] == "encoder.layer"
+
+
+def test_parts_outside_the_blocks_can_be_frozen_too(tmp_path):
+    model = model_with_blocks()
+    args = training_args(tmp_path, steps=2)
+    optimizer, callback = setup(model, args, gamma=1, interval=1, sampling="uniform", rank=4,
+                                train_outside_blocks=False)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    Trainer(model=model, args=args, train_dataset=dataset(8), optimizers=(optimizer, None), callbacks=[callback]).train()
+    assert torch.equal(model.model.embed_tokens.weight, embedding) and not model.lm_head.weight.requires_grad
+    with pytest.raises(ValueError, match="`train_outside_blocks` must be True or False"):
+        OwLoreCallback(train_outside_blocks="no")

@@ -12,8 +12,8 @@ from .outliers import compute_outlier_ratios, find_blocks, load_ratios, save_rat
 
 
 def setup(model, args=None, *, ratios=None, gamma: int = 5, interval: int = 50, sampling: str = "owl",
-          seed: int = 0, blocks: str | None = None, mode: str = "galore", layerwise: bool = False,
-          **optimizer_options):
+          seed: int = 0, blocks: str | None = None, train_outside_blocks: bool = True, mode: str = "galore",
+          layerwise: bool = False, **optimizer_options):
     """``(optimizer, callback)`` for ``Trainer(optimizers=(optimizer, None), callbacks=[callback])``.
 
     Every block is made trainable first, so the optimizer holds all of them (the callback freezes all but γ at
@@ -24,7 +24,7 @@ def setup(model, args=None, *, ratios=None, gamma: int = 5, interval: int = 50, 
     from ..optim import create_optimizer
 
     callback = OwLoreCallback(gamma=gamma, interval=interval, sampling=sampling, ratios=ratios, seed=seed,
-                              blocks=blocks)
+                              blocks=blocks, train_outside_blocks=train_outside_blocks)
     _, block_list = find_blocks(model, blocks)
     callback.probabilities(len(block_list))  # gamma and ratios checked before anything changes
     if args is not None:

@@ -42,14 +42,20 @@ class OwLoreCallback(TrainerCallback, ExportableState):
     hook newly trainable parameters before each forward.
 
     Args: see :class:`OwLoreConfig`; ``ratios`` (one per block, from :func:`compute_outlier_ratios`) for the
-    ``owl`` samplings; ``blocks`` the attribute path of the block list when it is not a standard one.
+    ``owl`` samplings; ``blocks`` the attribute path of the block list when it is not a standard one;
+    ``train_outside_blocks=False`` freezes every parameter outside the blocks (embeddings, final norm, head) for the
+    whole run instead of training them.
     """
 
     def __init__(self, gamma: int = 5, interval: int = 50, sampling: str = "owl", ratios=None, seed: int = 0,
-                 blocks: str | None = None):
+                 blocks: str | None = None, train_outside_blocks: bool = True):
         self.config = OwLoreConfig(gamma=gamma, interval=interval, sampling=sampling, seed=seed)
+        if not isinstance(train_outside_blocks, bool):
+            raise ValueError(f"OwLoreCallback: `train_outside_blocks` must be True or False, got "
+                             f"{train_outside_blocks!r}.")
         self.ratios = None if ratios is None else [float(r) for r in ratios]
         self.blocks = blocks
+        self.train_outside_blocks = train_outside_blocks
         self.window = None
         self.active: list[int] = []
         self.history: list[tuple[int, list[int]]] = []  # (step, blocks) of every resample, for inspection
@@ -57,7 +63,7 @@ class OwLoreCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         c = self.config
         return {"args": {"gamma": c.gamma, "interval": c.interval, "sampling": c.sampling, "ratios": self.ratios,
-                         "seed": c.seed, "blocks": self.blocks},
+                         "seed": c.seed, "blocks": self.blocks, "train_outside_blocks": self.train_outside_blocks},
                 "attributes": {"window": self.window, "active": list(self.active)}}
 
     def probabilities(self, num_blocks: int) -> np.ndarray:
@@ -66,6 +72,12 @@ class OwLoreCallback(TrainerCallback, ExportableState):
         return block_probabilities(self.config.sampling, num_blocks, self.ratios)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self.train_outside_blocks:
+            _, block_list = find_blocks(model, self.blocks)
+            inside = {id(p) for p in block_list.parameters()}
+            for p in model.parameters():
+                if id(p) not in inside:
+                    p.requires_grad_(False)
         self._resample(state.global_step, model, kwargs.get("optimizer"), release=False)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
