@@ -3,6 +3,8 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .optim.layerwise import LayerwiseOptimizer
+from .optim.optimizer import ProjectedOptimizer
+from .utils.wrappers import find_optimizer
 
 
 logger = logging.get_logger(__name__)
@@ -10,9 +12,7 @@ logger = logging.get_logger(__name__)
 
 def find_layerwise_optimizer(optimizer):
     """The :class:`LayerwiseOptimizer` inside ``optimizer`` (through accelerate's wrapper), or None."""
-    while optimizer is not None and not isinstance(optimizer, LayerwiseOptimizer):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+    return find_optimizer(optimizer, lambda o: isinstance(o, LayerwiseOptimizer))
 
 
 class LayerwiseGradNormCallback(TrainerCallback):
@@ -56,10 +56,8 @@ class LayerwiseGradNormCallback(TrainerCallback):
 
 
 def find_projected_optimizer(optimizer):
-    """The optimizer with ``nonfinite_report`` inside ``optimizer`` (through accelerate's / layer-wise wrappers)."""
-    while optimizer is not None and not hasattr(optimizer, "nonfinite_report"):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+    """The ProjectedOptimizer inside ``optimizer`` (through accelerate's / layer-wise wrappers), or None."""
+    return find_optimizer(optimizer, lambda o: isinstance(o, ProjectedOptimizer))
 
 
 class NonFiniteLogCallback(TrainerCallback):

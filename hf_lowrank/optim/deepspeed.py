@@ -17,18 +17,18 @@ offload are not supported (each raises here).
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from ..utils.wrappers import find_optimizer
 from .distributed import FlatPartition, assign_owners
 from .optimizer import ProjectedOptimizer
 
 
 def _find_zero_optimizer(optimizer):
     """DeepSpeed's ZeRO-1/2 optimizer inside ``optimizer`` (through accelerate's / Trainer's wrappers)."""
-    seen = optimizer
-    while seen is not None and not hasattr(seen, "round_robin_bit16_groups"):
-        if type(seen).__name__ == "DeepSpeedZeroOptimizer_Stage3":
-            raise NotImplementedError("hf_lowrank optimizers support DeepSpeed ZeRO stages 1 and 2, not ZeRO-3.")
-        seen = getattr(seen, "optimizer", None)
-    return seen
+    found = find_optimizer(optimizer, lambda o: hasattr(o, "round_robin_bit16_groups")
+                           or type(o).__name__ == "DeepSpeedZeroOptimizer_Stage3")
+    if type(found).__name__ == "DeepSpeedZeroOptimizer_Stage3":
+        raise NotImplementedError("hf_lowrank optimizers support DeepSpeed ZeRO stages 1 and 2, not ZeRO-3.")
+    return found
 
 
 def attach_zero(optimizer) -> ProjectedOptimizer:

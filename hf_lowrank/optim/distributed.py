@@ -1,6 +1,6 @@
 """The distributed driver of :class:`~hf_lowrank.optim.ProjectedOptimizer`, on plain ``torch.distributed``.
 
-Two layouts of a parameter are supported, and detected per parameter:
+Three layouts of a parameter are supported; the first two are detected per parameter, the third is declared:
 
 * **replicated** (DDP, or any data-parallel wrapper that all-reduces gradients): every rank holds the whole
   matrix and the same averaged gradient. A projector refresh is computed once, on the parameter's *owner* rank,
@@ -9,6 +9,9 @@ Two layouts of a parameter are supported, and detected per parameter:
 * **row-sharded** (FSDP2's ``fully_shard``: a DTensor with ``Shard(0)`` on a 1-D mesh): each rank holds rows
   ``[start, start + rows)`` of the parameter and of its gradient. The optimizer works on the local shard; the
   refresh gathers the full gradient on the owner rank only, which fits the projector and broadcasts it.
+* **flat partition** (DeepSpeed ZeRO-1/2, declared by ``hf_lowrank.optim.deepspeed.attach_zero``): a group's
+  matrices flattened into one buffer, each rank holding one contiguous partition (:class:`FlatPartition`,
+  :class:`Piece`); each matrix's low-rank gradient is summed from the ranks' pieces by one all-reduce.
 
 Owners are assigned once per optimizer by longest-processing-time-first over the projected matrices (cost
 ``m * n * min(m, n)``, the SVD's), so each rank's refresh work is balanced. Refreshes run in rounds: in each
@@ -18,10 +21,11 @@ most one gathered full gradient per rank exists at a time; then each owner broad
 
 Communication (bytes of the collectives this module issues; DDP's / FSDP2's own gradient reduction is extra):
 
-* per step: one all-reduce of the non-finite flags under FSDP2 (a few bytes); for each left-projected sharded
-  matrix (``Q`` is ``m x r``) an all-reduce of its ``r x n`` low-rank gradient. Nothing under DDP.
+* per step: one all-reduce of the non-finite flags under FSDP2 and ZeRO (a few bytes); for each left-projected
+  row-sharded matrix (``Q`` is ``m x r``) an all-reduce of its ``r x n`` low-rank gradient, and under ZeRO one of
+  every matrix's low-rank gradient. Nothing under DDP.
 * per refresh of a data-dependent projector (SVD, randomized SVD, DCT): a broadcast of its state (an SVD basis
-  ``dim x r``, DCT indices ``r`` int32), plus under FSDP2 a gather of the ``m x n`` gradient on the owner.
+  ``dim x r``, DCT indices ``r`` int32), plus under FSDP2 / ZeRO a gather of the ``m x n`` gradient on the owner.
   Seeded random projectors communicate nothing (every rank draws the same basis).
 """
 import time
@@ -199,14 +203,20 @@ def _full_gradient_on_owner(item: RefreshItem, stats: CommStats):
     if not layout.sharded:
         return grad if layout.rank == item.owner else None
     chunk = -(-layout.global_rows // layout.world_size)
-    padded = grad.new_zeros((chunk,) + tuple(grad.shape[1:]))
-    padded[: grad.shape[0]].copy_(grad)
-    gathered = [torch.empty_like(padded) for _ in range(layout.world_size)] if layout.rank == item.owner else None
-    dist.gather(padded, gathered, group=layout.group, group_dst=item.owner)
-    stats.count("refresh", padded, layout.world_size - 1)
-    if layout.rank != item.owner:
-        return None
-    return torch.cat(gathered)[: layout.global_rows]
+    gathered = gather_padded(grad, chunk, layout.group, layout.rank, layout.world_size, item.owner, stats)
+    return None if gathered is None else torch.cat(gathered)[: layout.global_rows]
+
+
+def gather_padded(values: torch.Tensor, length: int, group, rank: int, world_size: int, owner: int,
+                  stats: CommStats):
+    """Gather every rank's ``values`` on ``owner``, each zero-padded to ``length`` along dim 0 (``dist.gather``
+    needs equal sizes): the list of padded tensors there, None elsewhere."""
+    padded = values.new_zeros((length,) + tuple(values.shape[1:]))
+    padded[: values.shape[0]] = values
+    received = [torch.empty_like(padded) for _ in range(world_size)] if rank == owner else None
+    dist.gather(padded, received, group=group, group_dst=owner)
+    stats.count("refresh", padded, world_size - 1)
+    return received
 
 
 def _broadcast_projectors(items: list[RefreshItem], stats: CommStats) -> None:
@@ -301,12 +311,9 @@ class FlatPartition:
         pieces = [self.pieces(r)[k] for r in range(self.world_size)]
         longest = max(max(p.end - p.start for p in pieces), 1)
         mine = pieces[self.rank]
-        send = flat_grad.new_zeros(longest)
-        send[: mine.end - mine.start] = flat_grad[mine.local: mine.local + mine.end - mine.start]
-        received = [torch.empty_like(send) for _ in pieces] if self.rank == owner else None
-        dist.gather(send, received, group=self.group, group_dst=owner)
-        stats.count("refresh", send, self.world_size - 1)
-        if self.rank != owner:
+        received = gather_padded(flat_grad[mine.local: mine.local + mine.end - mine.start], longest, self.group,
+                                 self.rank, self.world_size, owner, stats)
+        if received is None:
             return None
         shape = pieces[0].shape
         full = flat_grad.new_zeros(shape[0] * shape[1])

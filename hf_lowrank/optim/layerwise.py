@@ -42,7 +42,7 @@ from accelerate.state import GradientState
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .distributed import is_dtensor, world
+from .distributed import is_dtensor, local, world
 
 
 # parameter -> the LayerwiseOptimizer whose hook steps it (two hooks would step a parameter twice)
@@ -177,8 +177,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return self.optimizer.release_state(params)
 
     def _before_forward(self, module, args):
-        self.hook_new_trainable()
-        self._active_count = sum(p.requires_grad for p in self._hooked_params)
+        self.hook_new_trainable()  # also recounts the hooked parameters that train now
         ddp = DistributedDataParallel._get_active_ddp_module()
         # Trainer / accelerate wrap the model after the optimizer is built: attach at its first DDP forward
         if self._ddp is None and ddp is not None and unwrap_data_parallel(ddp) is self.model:
@@ -266,8 +265,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if param in self._stepped_params:  # a new step began before every parameter got a gradient
             self._finish_grad_norm()
         self._stepped_params.add(param)
-        grad = param.grad.to_local() if is_dtensor(param.grad) else param.grad
-        norm_sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        norm_sq = torch.linalg.vector_norm(local(param.grad), dtype=torch.float32).square()
         self._grad_norm_sq = norm_sq if self._grad_norm_sq is None else self._grad_norm_sq + norm_sq
         if len(self._stepped_params) == self._active_count:
             self._finish_grad_norm()

@@ -287,9 +287,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                        for k, (pr, st) in enumerate(zip(projectors, states))]
             if self._refresh(due, entries, group, [ok] * len(pieces)):
                 return  # the gradient is not finite: skipped, and the refresh runs at the next step
+        bases = [pr.basis().to(grad.dtype) for pr in projectors]  # dequantised / generated once per step
         lows, blocks = [], []
-        for piece, pr in zip(pieces, projectors):
-            basis = pr.basis().to(grad.dtype)
+        for piece, pr, basis in zip(pieces, projectors, bases):
             held = piece.end > piece.start
             first, block = piece.block(grad) if held else (0, None)
             blocks.append((first, block))
@@ -310,15 +310,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         lr = group["lr"] * group["scale"] * group["residual_lr_scale"]
         steps = inner.update(states, lows, group, [ok] * len(pieces))
-        for piece, pr, low, step, (first, block) in zip(pieces, projectors, lows, steps, blocks):
+        for piece, pr, basis, low, step, (first, block) in zip(pieces, projectors, bases, lows, steps, blocks):
             if block is None:
                 continue
-            basis, rows = pr.basis().to(grad.dtype), block.shape[0]
-            back = (lambda x: x[first: first + rows] @ basis.T) if pr.side == "right" else \
-                (lambda x: basis[first: first + rows] @ x)
-            piece.add_(flat, first, back(step), alpha=-group["scale"])
+            rows = slice(first, first + block.shape[0])  # the block's rows of the m x n matrix
+            piece.add_(flat, first, _project_back_rows(pr.side, basis, rows, step), alpha=-group["scale"])
             if group["residual"] != "none":
-                residual = block - back(low)
+                residual = block - _project_back_rows(pr.side, basis, rows, low)
                 if group["residual"] == "signsgd":
                     residual.sign_()
                 piece.add_(flat, first, residual.mul_(ok), alpha=-lr)
@@ -561,7 +559,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     def _row_sharded_keys(self, p, group) -> tuple[str, ...]:
         """State entries of a sharded ``p`` that hold its rows (all others are replicated)."""
-        if "rank" in group and self._projector(p, group).side == "left":
+        if "rank" in group and resolve_side(tuple(p.shape), group["proj_type"]) == "left":
             return ()
         return ("exp_avg", "exp_avg_sq")
 
@@ -591,7 +589,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         groups = [g for g in self.param_groups for _ in g["params"]]
         by_id = dict(zip(ids, zip(params, groups)))
-        self._projectors.clear()
         for pid, saved in state_dict["state"].items():
             p, group = by_id[pid]
             device = dist_driver.local(p).device
@@ -603,7 +600,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     if value is not None and value.shape[0] == layout.global_rows != layout.rows:
                         state[key] = value[layout.start: layout.start + layout.rows].clone()
             self.state[p] = state
-        self._projectors.clear()
+        self._projectors.clear()  # rebuilt from the loaded state at their next use
 
 
 def _zero_where_skipped(tensors: list[torch.Tensor], oks: list[torch.Tensor]) -> None:
@@ -624,6 +621,11 @@ def _local_basis(projector, layout) -> torch.Tensor:
 def _project_back(side: str, basis: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     basis = basis.to(low.dtype)
     return basis @ low if side == "left" else low @ basis.T
+
+
+def _project_back_rows(side: str, basis: torch.Tensor, rows: slice, low: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``project_back(low)``, computed for those rows only."""
+    return _project_back(side, basis, low[rows]) if side == "right" else _project_back(side, basis[rows], low)
 
 
 def _unshard(value):

@@ -5,6 +5,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
+from ..callbacks import find_projected_optimizer
 from .config import OwLoreConfig
 from .outliers import find_blocks
 
@@ -97,19 +98,12 @@ class OwLoreCallback(TrainerCallback, ExportableState):
                 if not keep:
                     p.grad = None
         if release and left:
-            projected = _find_state_owner(optimizer)
+            projected = find_projected_optimizer(optimizer)
             if projected is not None:
                 freed = projected.release_state([p for i in left for p in block_list[i].parameters()])
                 logger.info(f"OwLore step {step}: blocks {active} active; released {freed} bytes of state of {left}.")
         self.window, self.active = window, active
         self.history.append((step, active))
-
-
-def _find_state_owner(optimizer):
-    """The optimizer with ``release_state`` inside ``optimizer`` (accelerate / layer-wise wrappers)."""
-    while optimizer is not None and not hasattr(optimizer, "release_state"):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
 
 
 def unfreeze_all_blocks(model, blocks=None) -> list[torch.nn.Parameter]:
