@@ -5,6 +5,7 @@ Timings are only ever reported as ratios measured side by side in one process (s
 """
 import gzip
 import os
+import re
 import statistics
 import sys
 import time
@@ -120,6 +121,24 @@ def random_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, generato
     """``batch_size`` random windows of ``seq_len`` tokens (inputs double as labels for causal LM)."""
     starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
     return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+# A fixed mmap threshold makes glibc return every freed tensor buffer to the OS at once (its default raises the
+# threshold after frees and keeps them), so peak RSS follows live memory. Set it in the environment of the
+# processes whose memory is measured.
+RSS_TRACKING_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def rss_kb(key: str = "VmRSS") -> int:
+    """This process's resident set (``VmRSS``) or its peak since the last :func:`reset_peak_rss` (``VmHWM``), in KB
+    (Linux)."""
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux ``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def format_bytes(num_bytes: float) -> str:

@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -63,16 +62,6 @@ def parse_args(argv):
 
 
 # --- inside each torchrun worker -----------------------------------------------------------------------------
-def memory_kb() -> dict:
-    status = open("/proc/self/status").read()
-    return {key: int(re.search(key + r":\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-
-
 def galore_torch_state_bytes(optimizer) -> int:
     from hf_lowrank.optim.distributed import local
 
@@ -84,20 +73,6 @@ def galore_torch_state_bytes(optimizer) -> int:
                 value = local(value)  # a DTensor counts its local shard
                 total += value.numel() * value.element_size()
     return total
-
-
-def local_state_bytes(optimizer) -> int:
-    from hf_lowrank.optim.distributed import local
-
-    def count(value):
-        if torch.is_tensor(value):
-            value = local(value)
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(count(v) for v in value.values())
-        return 0
-
-    return sum(count(state) for state in optimizer.state.values())
 
 
 def wrap(model, layout):
@@ -136,9 +111,11 @@ def build_arm(layout, mode, layerwise, args):
 
 
 def run_arm(layout, mode, layerwise, args, rank, world_size):
+    from hf_lowrank import optimizer_state_bytes
+
     row = {"layout": layout, "mode": mode, "layerwise": layerwise}
     gc.collect()
-    baseline = memory_kb()["VmRSS"]
+    baseline = common.rss_kb()
     try:
         model, wrapped, optimizer, kind = build_arm(layout, mode, layerwise, args)
     except (NotImplementedError, ValueError) as err:
@@ -150,7 +127,7 @@ def run_arm(layout, mode, layerwise, args, rank, world_size):
     for step in range(args.steps):
         ids = common.random_windows(tokens, args.batch, args.seq, generator) % args.vocab
         if step == 1:  # the first step allocates the optimizer state; measure the steady state after it
-            reset_peak()
+            common.reset_peak_rss()
         started = time.perf_counter()
         wrapped(input_ids=ids, labels=ids).loss.backward()
         try:
@@ -160,12 +137,12 @@ def run_arm(layout, mode, layerwise, args, rank, world_size):
             return row
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    row["peak_bytes"] = (memory_kb()["VmHWM"] - baseline) * 1024
+    row["peak_bytes"] = (common.rss_kb("VmHWM") - baseline) * 1024
     inner = getattr(optimizer, "optimizer", optimizer)
     if kind == "galore-torch":
         row["state_bytes"] = galore_torch_state_bytes(optimizer)
     else:
-        row["state_bytes"] = local_state_bytes(inner)
+        row["state_bytes"] = optimizer_state_bytes(inner)  # hf_lowrank keeps local shards in optimizer.state
         refreshes = len(range(0, args.steps, args.gap))
         row["refreshes"] = refreshes
         row["refresh_seconds"] = inner.comm.refresh_seconds / refreshes if "galore" in mode else 0.0
@@ -173,9 +150,7 @@ def run_arm(layout, mode, layerwise, args, rank, world_size):
         row["own_step_bytes"] = inner.comm.step_bytes / args.steps
     if layerwise:
         optimizer.remove_hooks()
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
-                      if True) if layout == "DDP" else sum(p.to_local().numel() * p.element_size() * world_size
-                                                          for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a DTensor counts globally
     # Ring all-reduce sends 2 (W-1)/W of the buffer per rank; FSDP2 all-gathers the parameters in forward and
     # again in backward (reshard_after_forward) and reduce-scatters the gradients: 3 (W-1)/W per rank.
     share = (world_size - 1) / world_size
@@ -238,10 +213,7 @@ def worker(args):
 
 # --- the launcher: runs the workers, renders the table and the plot ------------------------------------------
 def launch(args, argv, scratch: Path):
-    # A fixed mmap threshold makes glibc return every freed tensor buffer to the OS at once (its default raises the
-    # threshold after frees and keeps them), so peak RSS follows live memory.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(common.REPO_ROOT),
-           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(common.REPO_ROOT), **common.RSS_TRACKING_ENV}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
                *argv, "--worker", str(scratch)]
     subprocess.run(command, env=env, check=True)

@@ -20,7 +20,6 @@ interleaved).
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -62,10 +61,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def rss_kb(key="VmRSS") -> int:
-    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
 def run(arm: str, lr: float, seed: int, args) -> dict:
     """One training run in this (fresh, one-thread) process; returns its measurements."""
     torch.set_num_threads(1)
@@ -76,7 +71,7 @@ def run(arm: str, lr: float, seed: int, args) -> dict:
     from hf_lowrank import create_optimizer, optimizer_state_bytes
     from hf_lowrank.owlore import compute_outlier_ratios, setup
 
-    baseline = rss_kb()
+    baseline = common.rss_kb()
     model, tokenizer = models.load_causal_lm(args.model, dtype=torch.float32)
     records = commonsense.read_records(commonsense.SHIPPED_TRAIN)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(1234)).tolist()
@@ -114,8 +109,7 @@ def run(arm: str, lr: float, seed: int, args) -> dict:
         def on_step_begin(self, *a, **k):
             self.started = time.perf_counter()
             if len(self.times) == 1:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
+                common.reset_peak_rss()
 
         def on_step_end(self, *a, optimizer=None, **k):
             self.times.append(time.perf_counter() - self.started)
@@ -129,7 +123,7 @@ def run(arm: str, lr: float, seed: int, args) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=collator,
                       optimizers=(optimizer, None), callbacks=[*callbacks, probe])
     trainer.train()
-    peak = (rss_kb("VmHWM") - baseline) * 1024
+    peak = (common.rss_kb("VmHWM") - baseline) * 1024
     heldout_loss = trainer.evaluate(heldout_set)["eval_loss"]
     tests = {task: commonsense.read_records(commonsense.SHIPPED_DATA / task / "test.json")[: args.eval_per_task]
              for task in TASKS}
@@ -145,7 +139,7 @@ def run_all(jobs, args, results_path: Path):
     done = json.loads(results_path.read_text()) if results_path.exists() else []
     keys = {(r["arm"], r["lr"], r["seed"]) for r in done}
     todo = [job for job in jobs if job not in keys]
-    os.environ.update({"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
+    os.environ.update({"OMP_NUM_THREADS": "1", **common.RSS_TRACKING_ENV})
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         for result in pool.map(run, *zip(*[(a, lr, s, args) for a, lr, s in todo])) if todo else []:
             done.append(result)

@@ -402,7 +402,7 @@ def layer_sampling_callbacks(model, cfg: RecipeConfig, train_dataset, data_colla
     ``cfg.outlier_ratios`` or are computed on the first ``cfg.calibration_batches`` training batches."""
     if cfg.mode not in LAYER_SAMPLING_MODES:
         return []
-    from hf_lowrank.owlore import OwLoreCallback, compute_outlier_ratios, load_ratios
+    from hf_lowrank.owlore import OwLoreCallback, compute_outlier_ratios, find_blocks, load_ratios
 
     sampling, ratios = LAYER_SAMPLING_MODES[cfg.mode][0], None
     if sampling == "owl" and cfg.outlier_ratios:
@@ -419,8 +419,6 @@ def layer_sampling_callbacks(model, cfg: RecipeConfig, train_dataset, data_colla
         logger.warning(f"OwLore outlier ratios (M={cfg.outlier_m}): {[round(r, 5) for r in ratios]}")
     callback = OwLoreCallback(gamma=cfg.sampling_gamma, interval=cfg.sampling_interval, sampling=sampling,
                               ratios=ratios, seed=cfg.sampling_seed)
-    from hf_lowrank.owlore import find_blocks
-
     callback.probabilities(len(find_blocks(model)[1]))  # gamma and ratios checked before training
     return [callback]
 
