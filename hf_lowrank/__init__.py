@@ -27,6 +27,11 @@ _LAZY = {
     "WeLoreConfig": "hf_lowrank.welore",
     "GradNormLoRPConfig": "hf_lowrank.gradnormlorp",
     "load_tuner": "hf_lowrank.tuners",
+    "QGaLoreConfig": "hf_lowrank.qgalore",
+    "prepare_model_for_qgalore": "hf_lowrank.qgalore",
+    "save_qgalore": "hf_lowrank.qgalore",
+    "load_qgalore": "hf_lowrank.qgalore",
+    "export_dense": "hf_lowrank.qgalore",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

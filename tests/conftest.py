@@ -15,6 +15,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def prepare_for_mode(model, mode):
+    """Modes that train quantized weights (``q_galore``) need a prepared model; groups of 64 fit the tiny models."""
+    from hf_lowrank.optim import get_mode
+
+    if get_mode(mode).quantized_weights:
+        from hf_lowrank.qgalore import prepare_model_for_qgalore
+
+        prepare_model_for_qgalore(model, group_size=64)
+    return model
+
+
 def make_tiny_llama(hidden=64, layers=2, intermediate=128, vocab=256, heads=4, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -20,14 +20,22 @@ VOCAB = 256
 LR = 1e-2
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, mode="adamw"):
+    """The tiny LLaMA, prepared for ``mode`` (quantized weights for ``q_galore``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_lowrank.optim import get_mode
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                          tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    if get_mode(VARIANTS.get(mode, (mode,))[0]).quantized_weights:
+        from hf_lowrank.qgalore import prepare_model_for_qgalore
+
+        prepare_model_for_qgalore(model, group_size=64)
+    return model
 
 
 def global_batches(steps=STEPS, world_size=2, seed=0):
@@ -103,10 +111,15 @@ class _null:
 
 
 def full_parameters(model):
-    """Full (gathered) parameters by name, on CPU."""
+    """Full (gathered) parameters by name, on CPU; a quantized weight (update sink) as its dequantized value."""
     from hf_lowrank.optim.distributed import is_dtensor
+    from hf_lowrank.optim.sinks import update_sink_of
 
-    return {n: (p.full_tensor() if is_dtensor(p) else p).detach().cpu().clone() for n, p in model.named_parameters()}
+    def value(p):
+        sink = update_sink_of(p)
+        return sink.begin() if sink is not None else p.full_tensor() if is_dtensor(p) else p
+
+    return {n: value(p).detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def flat_state(optimizer):
@@ -146,7 +159,7 @@ def ddp_scenarios(out: Path, rank: int, world_size: int):
     data = global_batches(world_size=world_size)
     for mode in scenario_modes():
         for layerwise in (False, True):
-            model = tiny_llama()
+            model = tiny_llama(mode=mode)
             ddp = DistributedDataParallel(model)
             optimizer = make_optimizer(ddp, mode, layerwise=layerwise)
             losses = train(ddp, optimizer, data, rank, world_size)

@@ -57,7 +57,7 @@ def single_process():
 
     def get(mode):
         if mode not in cache:
-            model = worker.tiny_llama()
+            model = worker.tiny_llama(mode=mode)
             optimizer = worker.make_optimizer(model, mode)
             worker.train(model, optimizer, worker.global_batches())
             cache[mode] = worker.full_parameters(model), worker.flat_state(optimizer), optimizer

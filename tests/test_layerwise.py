@@ -8,7 +8,7 @@ from accelerate.state import GradientState
 
 from hf_lowrank.optim import ProjectedOptimizer, available_modes, create_optimizer, get_mode
 from hf_lowrank.optim.layerwise import LayerwiseOptimizer, make_layerwise, remove_layerwise_hooks
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, prepare_for_mode
 
 
 GAP = 2  # refresh projectors often so the comparisons cross several refreshes
@@ -52,8 +52,10 @@ def restore_sync_gradients():
 
 
 def assert_same_parameters(model_a, model_b, rtol=1e-6, atol=1e-7):
-    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    """Parameters and buffers (quantized weights live in buffers)."""
+    state_b = model_b.state_dict()
+    for name, a in model_a.state_dict().items():
+        torch.testing.assert_close(a, state_b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def train_reference(model, data, accumulation, mode="galore"):
@@ -71,7 +73,7 @@ def train_reference(model, data, accumulation, mode="galore"):
 @pytest.mark.parametrize("accumulation", [1, 2])
 @pytest.mark.parametrize("mode", available_modes())
 def test_layerwise_matches_normal_step(models, mode, accumulation):
-    reference, model = models
+    reference, model = (prepare_for_mode(m, mode) for m in models)
     data = batches(3 * GAP * accumulation)
     train_reference(reference, data, accumulation, mode)
 

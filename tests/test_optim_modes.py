@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_lowrank.optim import ModeSpec, ProjectedOptimizer, available_modes, create_optimizer, get_mode, register_mode
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, prepare_for_mode
 
 
 def batches(n, seed=0):
@@ -37,7 +37,7 @@ def mode_kwargs(mode):
 
 @pytest.mark.parametrize("mode", available_modes())
 def test_every_mode_trains(mode):
-    model = make_tiny_llama()
+    model = prepare_for_mode(make_tiny_llama(), mode)
     optimizer = create_optimizer(model, mode, **mode_kwargs(mode))
     data = batches(1) * 6  # one batch seen repeatedly: its loss must fall
     losses = train(model, optimizer, data)

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_lowrank.callbacks import LayerwiseGradNormCallback
 from hf_lowrank.optim import available_modes, create_optimizer, get_mode, optimizer_cls_and_kwargs
 from hf_lowrank.optim.layerwise import LayerwiseOptimizer
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, prepare_for_mode
 
 
 STEPS = 7
@@ -47,9 +47,11 @@ class SaveAt(TrainerCallback):
         control.should_save = state.global_step in self.steps
 
 
-def train(output_dir, make_optimizer=None, accumulation=1, resume=None, save_at=(), make_cls_and_kwargs=None):
-    """Train the tiny LLaMA; ``make_optimizer(model)`` / ``make_cls_and_kwargs(model)`` pick the Trainer entry point."""
-    model = make_tiny_llama()
+def train(output_dir, make_optimizer=None, accumulation=1, resume=None, save_at=(), make_cls_and_kwargs=None,
+          mode="adamw"):
+    """Train the tiny LLaMA (prepared for ``mode``); ``make_optimizer(model)`` / ``make_cls_and_kwargs(model)`` pick
+    the Trainer entry point."""
+    model = prepare_for_mode(make_tiny_llama(), mode)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=STEPS,
@@ -94,7 +96,7 @@ def full_runs(tmp_path_factory):
         if key not in cache:
             output_dir = tmp_path_factory.mktemp(f"{mode}-{layerwise}-{accumulation}")
             factory = lambda model: create_optimizer(model, mode, layerwise=layerwise, **mode_options(mode))  # noqa: E731
-            history = train(output_dir, factory, accumulation, save_at=STOPS.values())
+            history = train(output_dir, factory, accumulation, save_at=STOPS.values(), mode=mode)
             cache[key] = output_dir, history
         return cache[key]
 
@@ -125,7 +127,7 @@ def test_resume_reproduces_uninterrupted_losses(full_runs, tmp_path, mode, layer
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert state["state"], "the checkpoint must hold the real optimizer state"
     factory = lambda model: create_optimizer(model, mode, layerwise=layerwise, **mode_options(mode))  # noqa: E731
-    resumed = train(tmp_path, factory, resume=checkpoint)
+    resumed = train(tmp_path, factory, resume=checkpoint, mode=mode)
     assert [e["step"] for e in resumed] == list(range(1, STEPS + 1))
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6, rel=0)
 

@@ -2,17 +2,29 @@
 ``ProjectedOptimizer`` (or its layer-wise wrapper)."""
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..utils import find_target_linears
 from .inner import INNER_OPTION_DEFAULTS
 from .modes import get_mode
 from .optimizer import PROJECTION_DEFAULTS, ProjectedOptimizer, projector_option_names
+from .refresh import REFRESH_DEFAULTS
+from .sinks import attach_update_sink, update_sink_of
 
 
 # Options that shape the projected group (everything else is an inner, optimizer-level or projector option).
-_GROUP_OPTIONS = ("rank", "density", "update_proj_gap", "scale", "residual_lr_scale")
-_SPEC_OPTIONS = ("projector", "inner", "moment_policy", "residual")
+_GROUP_OPTIONS = ("rank", "density", "update_proj_gap", "scale", "residual_lr_scale",
+                  *(k for k in REFRESH_DEFAULTS if k != "refresh"))
+_SPEC_OPTIONS = ("projector", "inner", "moment_policy", "residual", "refresh")
+
+
+def projectable_module_types(model: nn.Module) -> tuple[type, ...]:
+    """``nn.Linear`` plus every module type in ``model`` whose ``weight`` has an update sink (a quantized linear,
+    e.g. Q-GaLore's), so ``target_modules`` (``'all-linear'`` too) matches them as linear layers."""
+    quantized = {type(m) for m in model.modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor) and update_sink_of(m.weight) is not None}
+    return (nn.Linear, *sorted(quantized, key=lambda t: t.__qualname__))
 
 
 def optimizer_cls_and_kwargs(
@@ -77,7 +89,13 @@ def optimizer_cls_and_kwargs(
     if parts["projector"] is None:
         groups.append({"params": [p for _, p in trainable], "param_names": [n for n, _ in trainable]})
     else:
-        targets = find_target_linears(model, target_modules)
+        targets = find_target_linears(model, target_modules, module_types=projectable_module_types(model))
+        if spec.quantized_weights and not any(update_sink_of(m.weight) is not None for _, m in targets):
+            raise ValueError(
+                f"Mode {mode!r} trains quantized weights, but none of the {len(targets)} module(s) matched by "
+                f"`target_modules`={target_modules!r} is quantized. Call hf_lowrank.prepare_model_for_qgalore(model) "
+                "before building the optimizer (or use 'galore' / 'galore_8bit' for float weights)."
+            )
         projected_ids = {id(m.weight) for _, m in targets if m.weight.requires_grad and m.weight.dim() == 2}
         if not projected_ids:
             raise ValueError(
@@ -98,6 +116,7 @@ def optimizer_cls_and_kwargs(
             "projector_options": options,
             "moment_policy": parts["moment_policy"],
             "residual": parts["residual"],
+            "refresh": parts["refresh"],
         })
     kwargs = {"params": groups, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
               "inner": parts["inner"], "nonfinite": nonfinite, "distributed": distributed,
@@ -144,5 +163,8 @@ def optimizer_factory(mode: str = "galore", **options: Any) -> tuple[type, dict]
     the mode and option names are checked now, the target modules when ``Trainer`` builds it."""
     probe = {k: v for k, v in options.items() if k not in ("layerwise", "gradient_accumulation_steps",
                                                              "target_modules")}
-    optimizer_cls_and_kwargs(nn.Linear(2, 2), mode, target_modules=[""], **probe)  # names and values
+    probe_model = nn.Linear(2, 2)
+    if get_mode(mode).quantized_weights:  # the probe stands in for a quantized linear; it is never stepped
+        attach_update_sink(probe_model.weight, probe_model)
+    optimizer_cls_and_kwargs(probe_model, mode, target_modules=[""], **probe)  # names and values
     return OptimizerFactory, {"mode": mode, **options}

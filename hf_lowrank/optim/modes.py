@@ -1,4 +1,5 @@
-"""The mode registry: a mode is projector x inner optimizer x moment policy x residual rule (+ defaults).
+"""The mode registry: a mode is projector x inner optimizer x moment policy x residual rule x refresh policy
+(+ defaults).
 
 Later methods add modes with :func:`register_mode`; :func:`create_optimizer` looks names up here.
 """
@@ -7,6 +8,7 @@ from typing import Any, Mapping
 
 from ..projectors import PROJECTORS
 from .inner import INNER_OPTIMIZERS
+from .refresh import REFRESH_POLICIES
 
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -25,6 +27,9 @@ class ModeSpec:
     inner: str = field(default="adamw", metadata={"help": "Inner optimizer: 'adamw', 'adamw8bit', 'adafactor'."})
     moment_policy: str = field(default="keep", metadata={"help": "On refresh: 'keep', 'reset' or 'rotate'."})
     residual: str = field(default="none", metadata={"help": "Out-of-subspace gradient: 'none', 'signsgd', 'sgd'."})
+    refresh: str = field(default="fixed", metadata={"help": "When subspaces refresh: 'fixed' gap or Q-GaLore's 'lazy'."})
+    quantized_weights: bool = field(default=False, metadata={
+        "help": "Projected weights are quantized (have an update sink): the model must be prepared first."})
     defaults: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "Default option values."})
     description: str = field(default="", metadata={"help": "One line for docs and listings."})
 
@@ -37,6 +42,8 @@ class ModeSpec:
             raise ValueError(f"ModeSpec `moment_policy`={self.moment_policy!r}; use one of {list(MOMENT_POLICIES)}.")
         if self.residual not in RESIDUALS:
             raise ValueError(f"ModeSpec `residual`={self.residual!r}; use one of {list(RESIDUALS)}.")
+        if self.refresh not in REFRESH_POLICIES:
+            raise ValueError(f"ModeSpec `refresh`={self.refresh!r}; use one of {list(REFRESH_POLICIES)}.")
         if self.moment_policy == "rotate" and not INNER_OPTIMIZERS[self.inner].supports_rotate:
             raise ValueError(f"ModeSpec: inner {self.inner!r} cannot rotate its moments; use 'keep' or 'reset'.")
 
@@ -77,6 +84,12 @@ for _name, _spec in {
     "galore_dct": ModeSpec("dct", defaults=_GALORE, description="SVD-free DCT column selection (Modoranu et al.)."),
     "galore_dct_8bit": ModeSpec("dct", inner="adamw8bit", defaults=_GALORE, description="DCT basis + 8-bit state."),
     "galore_random": ModeSpec("random", defaults=_GALORE, description="Seeded random orthonormal subspace."),
+    "q_galore": ModeSpec(
+        "svd", inner="adamw8bit", refresh="lazy", quantized_weights=True,
+        defaults={**_GALORE, "quant_bits": 4, "quant_group_size": 256},
+        description="Q-GaLore: INT8 weights (stochastic rounding), INT4 SVD projectors, 8-bit AdamW, lazy "
+                    "layer-adaptive refresh (Zhang et al. 2024); prepare_model_for_qgalore first.",
+    ),
     "frugal": ModeSpec(
         "svd", moment_policy="reset", residual="signsgd",
         defaults={"density": 0.25, "update_proj_gap": 200, "scale": 1.0, "residual_lr_scale": 1.0},

@@ -3,13 +3,15 @@
 Parameter groups follow galore-torch's convention: a group with the key ``rank`` is projected, every other group
 is plain. Per parameter, the projected path is
 
-    every ``update_proj_gap`` steps of the parameter's own counter (0, T, 2T, ...): refresh the projector and
-    apply the moment policy (keep / reset / rotate the inner optimizer's moments)
+    when the refresh policy says so (``fixed``: every ``update_proj_gap`` steps of the parameter's own counter,
+    0, T, 2T, ...; ``lazy``: Q-GaLore's growing per-layer gap, ``hf_lowrank.optim.refresh``): refresh the
+    projector and apply the moment policy (keep / reset / rotate the inner optimizer's moments)
     R = project(G);  U = inner.update(R);  p -= scale * project_back(U)
     residual rule:   p -= lr * scale * residual_lr_scale * rule(G - project_back(R))      (FRUGAL)
     decoupled weight decay after the update: p -= lr * weight_decay * p                      (galore-torch)
 
-Everything in ``optimizer.state`` is tensors and plain numbers: projector objects live in a private dict and
+A parameter with an update sink (``hf_lowrank.optim.sinks``, e.g. a Q-GaLore INT8 weight) is stepped on a float
+working copy that the sink then stores. Everything in ``optimizer.state`` is tensors and plain numbers: projector objects live in a private dict and
 their tensor state is mirrored in ``state[p]["projector"]``; ``load_state_dict`` rebuilds them lazily.
 
 Distributed training (``hf_lowrank.optim.distributed``): under DDP each refresh runs on one owner rank and is
@@ -25,8 +27,10 @@ from transformers.utils import logging
 
 from ..projectors import PROJ_TYPES, PROJECTORS, SVDProjector, get_projector, resolve_side
 from . import distributed as dist_driver
+from . import refresh as refresh_policy
 from .inner import INNER_OPTION_DEFAULTS, get_inner
 from .modes import MOMENT_POLICIES, RESIDUALS
+from .sinks import update_sink_of
 
 
 logger = logging.get_logger(__name__)
@@ -42,6 +46,7 @@ PROJECTION_DEFAULTS = {
     "moment_policy": "keep",
     "residual": "none",
     "residual_lr_scale": 1.0,
+    **refresh_policy.REFRESH_DEFAULTS,
 }
 NONFINITE_POLICIES = ("skip_step", "skip_param", "raise")
 DISTRIBUTED_POLICIES = ("auto", "off")
@@ -104,6 +109,7 @@ def _validate_group(group: dict) -> None:
         raise ValueError(f"`residual`={group['residual']!r}; use one of {list(RESIDUALS)}.")
     if group["residual_lr_scale"] < 0:
         raise ValueError(f"`residual_lr_scale` must be >= 0, got {group['residual_lr_scale']}.")
+    refresh_policy.validate(group)
     for p in group["params"]:
         if p.dim() != 2:
             raise ValueError(
@@ -120,7 +126,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         params: parameters or groups. Groups with ``rank`` are projected; keys (defaults in ``PROJECTION_DEFAULTS``):
             ``rank`` (or ``None`` with ``density``: rank = round(density * projected dim)), ``update_proj_gap``,
             ``scale``, ``proj_type``, ``projector`` (registry name), ``projector_options``, ``moment_policy``,
-            ``residual``, ``residual_lr_scale``. Optional ``param_names`` (used in messages).
+            ``residual``, ``residual_lr_scale``, ``refresh`` ('fixed' or 'lazy') with the lazy policy's
+            ``cos_threshold``, ``gamma_proj``, ``queue_size``, ``queue_reset``. Optional ``param_names`` (used in
+            messages).
         lr, betas, eps, weight_decay: AdamW hyper-parameters (``eps`` defaults to the paper's 1e-8;
             galore-torch's default is 1e-6). Weight decay is decoupled and applied after the update.
         inner: inner optimizer ('adamw', 'adamw8bit', 'adafactor'); may differ per group.
@@ -207,33 +215,41 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("ProjectedOptimizer does not support sparse gradients.")
         inner = get_inner(group["inner"])
         layouts = [self._layout(p, group) for p in params]
+        sinks = {p: sink for p in params if (sink := update_sink_of(p)) is not None}
+        if sinks and (params[0] in self._flat or any(layout.sharded for layout in layouts)):
+            raise ValueError("Parameters with an update sink (quantized weights, e.g. Q-GaLore's) train under DDP or "
+                             "a single process; FSDP2 shards and DeepSpeed partitions are not supported.")
+        targets = {p: sinks[p].begin() if p in sinks else dist_driver.local(p) for p in params}
         if "rank" in group and params[0] in self._flat:
             self._flat_projected_step(params[0], group, oks[0], inner)
         elif "rank" in group:
-            params, oks = self._projected_step(params, layouts, group, oks, inner)
+            params, oks = self._projected_step(params, targets, layouts, group, oks, inner)
         else:
-            local_params = [dist_driver.local(p) for p in params]
             grads = [dist_driver.local(p.grad) for p in params]
             _zero_where_skipped(grads, oks)
             states = [self.state[p] for p in params]
-            for p, state in zip(local_params, states):
+            for p, state in zip(params, states):
                 if "moment_step" not in state:
                     state["step"] = 0
-                    inner.init_state(state, p.shape, p, group)
+                    inner.init_state(state, targets[p].shape, targets[p], group)
                 state["step"] += 1
-            inner.apply(local_params, states, grads, group, oks)
+            inner.apply([targets[p] for p in params], states, grads, group, oks)
         if group["weight_decay"] > 0 and params:
-            local_params = [dist_driver.local(p) for p in params]
-            torch._foreach_addcmul_(local_params, local_params, oks, value=-group["lr"] * group["weight_decay"])
+            written = [targets[p] for p in params]
+            torch._foreach_addcmul_(written, written, oks, value=-group["lr"] * group["weight_decay"])
+        for p, ok in zip(params, oks):
+            if p in sinks:
+                sinks[p].commit(targets[p], ok, self.state[p]["step"])
 
-    def _projected_step(self, params, layouts, group, oks, inner):
-        """Refresh (on schedule), project, inner update, project back, residual. Returns the stepped params."""
+    def _projected_step(self, params, targets, layouts, group, oks, inner):
+        """Refresh (on schedule), project, inner update, project back into ``targets[p]``, residual. Returns the
+        stepped params."""
         projectors = [self._projector(p, group) for p in params]
         states = [self.state[p] for p in params]
         for state in states:
             state.setdefault("step", 0)
         due = [i for i, (s, pr) in enumerate(zip(states, projectors))
-               if s["step"] % group["update_proj_gap"] == 0 or not pr.initialized]
+               if refresh_policy.is_due(s, s["step"], group) or not pr.initialized]
         waiting = self._refresh_due(due, params, layouts, projectors, states, group, oks) if due else set()
         for i in waiting:  # skipped now; the schedule does not advance, so the refresh runs at the next step
             states[i]["step"] -= 1
@@ -251,14 +267,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 inner.init_state(state, low.shape, low, group)
             state["step"] += 1
         for p, pr, q, step in zip(params, projectors, bases, inner.update(states, lows, group, oks)):
-            _add_projected_back(dist_driver.local(p), pr.side, q, step, alpha=-group["scale"])
+            _add_projected_back(targets[p], pr.side, q, step, alpha=-group["scale"])
         if group["residual"] != "none":
             lr = group["lr"] * group["scale"] * group["residual_lr_scale"]
             for p, pr, q, grad, low, ok in zip(params, projectors, bases, grads, lows, oks):
                 residual = grad - _project_back(pr.side, q, low)
                 if group["residual"] == "signsgd":
                     residual.sign_()
-                dist_driver.local(p).add_(residual.mul_(ok), alpha=-lr)
+                targets[p].add_(residual.mul_(ok), alpha=-lr)
         return params, oks
 
     def _flat_projected_step(self, flat, group, ok, inner) -> None:
@@ -279,13 +295,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if key not in self._projectors:
                 self._projectors[key] = self._new_projector(piece.shape, piece.index, group, piece_state)
             projectors.append(self._projectors[key])
-        due = [i for i, pr in enumerate(projectors)
-               if state["step"] % group["update_proj_gap"] == 0 or not pr.initialized]
+        due = [i for i, (pr, st) in enumerate(zip(projectors, states))
+               if refresh_policy.is_due(st, state["step"], group) or not pr.initialized]
         if due:
             entries = [(pr, st, grad, layout, partition.owners[k], partial(self._fit, flat, pr, group),
                         partial(partition.gather, k, grad, partition.owners[k]))
                        for k, (pr, st) in enumerate(zip(projectors, states))]
-            if self._refresh(due, entries, group, [ok] * len(pieces)):
+            if self._refresh(due, entries, group, [ok] * len(pieces), [state["step"]] * len(pieces)):
                 return  # the gradient is not finite: skipped, and the refresh runs at the next step
         bases = [pr.basis().to(grad.dtype) for pr in projectors]  # dequantised / generated once per step
         lows, blocks = [], []
@@ -411,19 +427,25 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         owners = [self._owner(p, layout) if layout.distributed else 0 for p, layout in zip(params, layouts)]
         fits = [partial(self._fit, p, projector, group) for p, projector in zip(params, projectors)]
         return self._refresh(due, [(projectors[i], states[i], grads[i], layouts[i], owners[i], fits[i], None)
-                                   for i in range(len(params))], group, oks)
+                                   for i in range(len(params))], group, oks, [s["step"] for s in states])
 
-    def _refresh(self, due, entries, group, oks) -> set[int]:
-        """``entries[i]``: (projector, state, local gradient, layout, owner, fit, gather); see ``_refresh_due``."""
+    def _refresh(self, due, entries, group, oks, steps) -> set[int]:
+        """``entries[i]``: (projector, state, local gradient, layout, owner, fit, gather), refreshed at step
+        ``steps[i]``; see ``_refresh_due``."""
         finite = torch.stack([oks[i] for i in due]).cpu().tolist()
         waiting = {i for i, ok in zip(due, finite) if not ok}
         due = [i for i in due if i not in waiting]
         policy = group["moment_policy"]
         previous = {i: entries[i][0].basis() for i in due
                     if policy == "rotate" and "moment_step" in entries[i][1] and entries[i][0].initialized}
+        lazy = group["refresh"] == "lazy"
+        leading = [refresh_policy.leading_direction(previous[i] if i in previous else entries[i][0].basis())
+                   if lazy and entries[i][0].initialized else None for i in due]
         items = [dist_driver.RefreshItem(*(entries[i][j] for j in (0, 2, 3, 4, 5)), gather=entries[i][6])
                  for i in due]
         dist_driver.refresh(items, self.comm)
+        current = [refresh_policy.leading_direction(entries[i][0].basis()) if lazy else None for i in due]
+        refresh_policy.record([entries[i][1] for i in due], [steps[i] for i in due], leading, current, group)
         inner = get_inner(group["inner"])
         for i in due:
             projector, state, grad = entries[i][:3]
@@ -506,6 +528,19 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         counts = {self._name(p, self._group_of(p)): int(c.item()) for p, c in self._skips.items()}
         if any(counts.values()):
             report["skipped_params"] = {k: v for k, v in counts.items() if v}
+        return report
+
+    def refresh_report(self) -> dict:
+        """Per projected parameter name: ``refreshes`` done, ``scheduled`` (what the fixed ``update_proj_gap``
+        would have done), ``skipped`` (SVDs a lazy policy saved) and its current ``gap``. Host numbers only."""
+        report = {}
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:
+                    report[self._name(p, group).strip("'")] = refresh_policy.report(state, state["step"], group)
         return report
 
     def release_state(self, params) -> int:

@@ -5,7 +5,7 @@ and tuners refer to projectors by these names only.
 """
 from .base import PROJ_TYPES, Projector, resolve_side
 from .dct import DCTProjector, dct_matrix
-from .quantized import QuantizedProjector, dequantize_groups, quantize_groups
+from .quantized import QuantizedProjector
 from .random import RandomProjector
 from .randomized import RandomizedSVDProjector
 from .svd import SVDProjector
@@ -36,6 +36,5 @@ def get_projector(name: str, shape, rank: int, proj_type: str = "std", quant_bit
 
 __all__ = [
     "PROJECTORS", "PROJ_TYPES", "DCTProjector", "Projector", "QuantizedProjector", "RandomProjector",
-    "RandomizedSVDProjector", "SVDProjector", "dct_matrix", "dequantize_groups", "get_projector",
-    "quantize_groups", "resolve_side",
+    "RandomizedSVDProjector", "SVDProjector", "dct_matrix", "get_projector", "resolve_side",
 ]

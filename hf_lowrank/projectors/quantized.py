@@ -1,36 +1,12 @@
 """Low-bit storage for projector bases (Q-GaLore, Zhang et al. 2024, arXiv 2407.08296: INT4 projectors).
 
 ``QuantizedProjector`` wraps an SVD-type projector and keeps its basis only as asymmetric group-quantized
-integers (two 4-bit codes per byte, unlike Q-GaLore's one code per uint8) plus a per-group scale and offset.
+integers (``8 // bits`` codes per byte: two at 4 bits, unlike Q-GaLore's one code per uint8) plus a per-group
+scale and offset (``hf_lowrank.utils.quantization``).
 """
-import torch
-
+from ..utils.quantization import check_bits, dequantize_groups, quantize_groups
 from .base import Projector
 from .svd import SVDProjector
-
-
-def quantize_groups(x: torch.Tensor, bits: int, group_size: int):
-    """Asymmetric per-group uniform quantisation. Returns (codes uint8, scale, minimum); codes are packed
-    two per byte when ``bits <= 4``."""
-    flat = x.detach().float().reshape(-1)
-    pad = (-flat.numel()) % group_size
-    groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, group_size)
-    lo, hi = groups.min(1, keepdim=True).values, groups.max(1, keepdim=True).values
-    levels = 2**bits - 1
-    scale = ((hi - lo) / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = ((groups - lo) / scale).round_().clamp_(0, levels).to(torch.uint8).view(-1)
-    if bits <= 4:
-        codes = torch.nn.functional.pad(codes, (0, codes.numel() % 2))
-        codes = codes[0::2] | (codes[1::2] << 4)
-    return codes, scale.squeeze(1), lo.squeeze(1)
-
-
-def dequantize_groups(codes, scale, minimum, bits: int, group_size: int, shape) -> torch.Tensor:
-    if bits <= 4:
-        codes = torch.stack((codes & 0x0F, codes >> 4), dim=1).view(-1)
-    numel = int(torch.Size(shape).numel())
-    groups = codes[: scale.numel() * group_size].view(-1, group_size).float()
-    return (groups * scale[:, None] + minimum[:, None]).view(-1)[:numel].view(shape)
 
 
 class QuantizedProjector(Projector):
@@ -42,8 +18,7 @@ class QuantizedProjector(Projector):
                 f"QuantizedProjector stores dense bases (svd/randomized); {type(inner).__name__} already stores "
                 "indices or a seed, so there is nothing to quantise."
             )
-        if bits not in (2, 4, 8):
-            raise ValueError(f"`bits`={bits}: projector quantisation supports 2, 4 or 8 bits.")
+        check_bits(bits, "quant_bits")
         if group_size < 1:
             raise ValueError(f"`group_size` must be >= 1, got {group_size}.")
         self.inner, self.bits, self.group_size = inner, bits, group_size
