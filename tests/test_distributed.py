@@ -27,6 +27,9 @@ LOOSER = {
     # FRUGAL's rank is 25% of the dimension; on this tiny batch the trailing singular values are nearly
     # degenerate, so the subspace itself is sensitive to the 1e-7 gradient differences.
     "frugal_sgd": 2e-2,
+    # Re-quantizing INT8 weights is a step function of the weight: an entry within fp32 rounding of a level
+    # boundary lands one level apart on the two layouts (replicas agree bit for bit; see the replica test).
+    "q_galore": 5e-2,
 }
 
 

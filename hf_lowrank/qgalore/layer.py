@@ -3,8 +3,8 @@
 ``QuantLinear`` replaces an ``nn.Linear``. Its weight lives in buffers (``codes``, ``scale``, ``minimum``) and is
 dequantized on the fly in forward and again in backward (never kept). Its ``weight`` parameter is a gradient
 carrier: it has the weight's shape and dtype, so autograd, DDP's reducer, gradient clipping and the optimizer see
-an ordinary float gradient, but its values are meaningless and its storage is a view into one workspace shared
-by every carrier of the same device and dtype (the largest targeted matrix, counted once). The optimizer writes
+an ordinary float gradient, but its values are meaningless and its storage is a view into one workspace that
+every carrier of the model shares per device and dtype (``CarrierPool``: the largest targeted matrix, once). The optimizer writes
 through the layer's update sink (``begin`` / ``commit``): dequantize, apply the whole update in float,
 re-quantize with stochastic rounding.
 """
@@ -51,17 +51,30 @@ class WeightQuantizer:
         return dequantize_groups(codes, scale, minimum, self.bits, self.group_size, shape, dtype)
 
 
-_WORKSPACES: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+class CarrierPool:
+    """The workspaces that a model's gradient carriers view: one per (device, dtype), as large as the largest
+    targeted matrix, freed when no layer of the model uses it any more."""
 
+    def __init__(self, numel: int):
+        self.numel = numel
+        self._workspaces: dict[tuple, torch.Tensor] = {}
+        self._users: dict[tuple, int] = {}
 
-def _carrier_storage(shape, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A ``shape`` view into the shared (device, dtype) workspace of at least ``numel`` elements."""
-    key = (torch.device(device), dtype)
-    workspace = _WORKSPACES.get(key)
-    if workspace is None or workspace.numel() < numel:
-        workspace = torch.zeros(numel, dtype=dtype, device=device)
-        _WORKSPACES[key] = workspace
-    return workspace[: int(torch.Size(shape).numel())].view(shape)
+    def acquire(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        if key not in self._workspaces:
+            self._workspaces[key] = torch.zeros(self.numel, dtype=dtype, device=device)
+        self._users[key] = self._users.get(key, 0) + 1
+        return self._workspaces[key][: int(torch.Size(shape).numel())].view(shape)
+
+    def release(self, carrier: torch.Tensor) -> None:
+        key = (carrier.device, carrier.dtype)
+        self._users[key] -= 1
+        if not self._users[key]:
+            del self._users[key], self._workspaces[key]
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._workspaces.values())
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
@@ -93,24 +106,25 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quantizer: WeightQuantizer,
-                 carrier_numel: int, device=None, dtype=torch.float32):
+                 pool: CarrierPool, device=None, dtype=torch.float32):
         super().__init__()
-        self.in_features, self.out_features, self.quantizer = in_features, out_features, quantizer
-        self.carrier_numel = max(carrier_numel, in_features * out_features)
+        if pool.numel < in_features * out_features:
+            raise ValueError(f"CarrierPool of {pool.numel} elements is smaller than this {out_features}x{in_features} layer.")
+        self.in_features, self.out_features, self.quantizer, self.pool = in_features, out_features, quantizer, pool
         groups = in_features * out_features // quantizer.group_size
         code_bytes = packed_bytes(in_features * out_features, quantizer.bits, quantizer.group_size)
         self.register_buffer("codes", torch.zeros(code_bytes, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(groups, dtype=torch.float32, device=device))
         self.register_buffer("minimum", torch.zeros(groups, dtype=torch.float32, device=device))
         shape = (out_features, in_features)
-        self.weight = nn.Parameter(_carrier_storage(shape, self.carrier_numel, dtype, device or "cpu"))
+        self.weight = nn.Parameter(pool.acquire(shape, dtype, device or "cpu"))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         attach_update_sink(self.weight, self)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quantizer: WeightQuantizer, carrier_numel: int) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, quantizer: WeightQuantizer, pool: CarrierPool) -> "QuantLinear":
         weight = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quantizer, carrier_numel,
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quantizer, pool,
                     device=weight.device, dtype=weight.dtype)
         layer.weight.requires_grad_(weight.requires_grad)
         layer._store(*quantizer.quantize(weight.detach()))
@@ -162,7 +176,9 @@ class QuantLinear(nn.Module):
         with self._carrier_hidden() as carrier:
             probe = fn(torch.zeros(1, dtype=carrier.dtype, device=carrier.device))
             super()._apply(fn, recurse)
-        carrier.data = _carrier_storage(self.weight_shape, self.carrier_numel, probe.dtype, probe.device)
+        if (probe.device, probe.dtype) != (carrier.device, carrier.dtype):
+            self.pool.release(carrier)
+            carrier.data = self.pool.acquire(self.weight_shape, probe.dtype, probe.device)
         for name in ("scale", "minimum"):
             self._buffers[name] = self._buffers[name].float()
         return self

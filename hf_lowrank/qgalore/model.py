@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..optim.sinks import attach_update_sink, update_sink_of
 from ..utils.targets import find_target_linears, module_matches
 from .config import QGaLoreConfig
-from .layer import FakeQuantSink, QuantLinear, WeightQuantizer, layer_seed
+from .layer import CarrierPool, FakeQuantSink, QuantLinear, WeightQuantizer, layer_seed
 
 
 CONFIG_NAME = "qgalore_config.json"
@@ -25,14 +25,14 @@ def prepare_model_for_qgalore(model: nn.Module, config: QGaLoreConfig | None = N
     if getattr(model, "qgalore_config", None) is not None:
         raise ValueError("This model is already prepared for Q-GaLore (it has `qgalore_config`).")
     targets = _targets(model, config)
-    carrier_numel = max(m.weight.numel() for _, m in targets)
+    pool = CarrierPool(max(m.weight.numel() for _, m in targets))
     for name, linear in targets:
         quantizer = WeightQuantizer(config.weight_bits, config.group_size, config.stochastic_rounding,
                                     layer_seed(config.seed, name))
         if config.simulate:
             attach_update_sink(linear.weight, FakeQuantSink(linear, quantizer))
         else:
-            _set_submodule(model, name, QuantLinear.from_linear(linear, quantizer, carrier_numel))
+            _set_submodule(model, name, QuantLinear.from_linear(linear, quantizer, pool))
     model.qgalore_config = config
     return model
 
