@@ -80,6 +80,37 @@ def galore_torch_param_groups(model, rank: int, update_proj_gap: int, scale: flo
              "proj_type": proj_type}]
 
 
+def parse_mode(spec: str) -> tuple[str, dict]:
+    """``"galore:quant_bits=4,seed=1"`` -> ``("galore", {"quant_bits": 4, "seed": 1})`` (ints, floats or strings)."""
+    mode, _, options = spec.partition(":")
+    parsed = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Mode option {item!r} in {spec!r} must look like key=value.")
+        for cast in (int, float, str):
+            try:
+                parsed[key] = cast(value)
+                break
+            except ValueError:
+                continue
+    return mode, parsed
+
+
+def create_mode_optimizer(model, spec: str, weight_group_size: int = 256, **kwargs):
+    """``create_optimizer(model, mode, **options, **kwargs)`` for a mode spec ``"mode[:key=value,...]"``; modes that
+    train quantized weights (``q_galore``) first prepare ``model`` in place (attention + MLP linears, groups of
+    ``weight_group_size`` inputs)."""
+    from hf_lowrank.optim import create_optimizer, get_mode
+
+    mode, options = parse_mode(spec)
+    if get_mode(mode).quantized_weights:
+        from hf_lowrank.qgalore import prepare_model_for_qgalore
+
+        prepare_model_for_qgalore(model, target_modules=PAPER_TARGET_MODULES, group_size=weight_group_size)
+    return create_optimizer(model, mode, target_modules=PAPER_TARGET_MODULES, **options, **kwargs)
+
+
 def interleaved_times(fns: dict[str, Callable[[], dict | None]], repeats: int, warmup: int = 1,
                       progress: str | None = None) -> dict[str, list[dict[str, float]]]:
     """Run every function once per round, round-robin, ``warmup + repeats`` rounds; return the timed rounds.

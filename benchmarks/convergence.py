@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/convergence.py`
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_OUT_DIR, PAPER_TARGET_MODULES, build_llama, command_line, format_bytes, galore_torch_param_groups,
+    DEFAULT_OUT_DIR, build_llama, command_line, create_mode_optimizer, format_bytes, galore_torch_param_groups,
     load_corpus, markdown_table, new_figure, random_windows, setup_environment, write_results,
 )
 
@@ -54,7 +54,10 @@ def parse_args(argv):
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak")
     train.add_argument("--seed", type=int, default=0)
     opt = parser.add_argument_group("optimizers")
-    opt.add_argument("--modes", nargs="*", default=DEFAULT_MODES, help="hf_lowrank modes to train")
+    opt.add_argument("--modes", nargs="*", default=DEFAULT_MODES,
+                     help="hf_lowrank modes to train; 'mode:key=value,...' adds options (e.g. galore:refresh=lazy)")
+    opt.add_argument("--weight-group-size", type=int, default=128,
+                     help="q_galore: INT8 weight groups (must divide every targeted input dimension)")
     opt.add_argument("--no-galore-torch", action="store_true", help="skip galore-torch's GaLoreAdamW")
     opt.add_argument("--rank", type=int, default=32, help="projection rank (paper ratio rank/hidden = 1/4)")
     opt.add_argument("--gap", type=int, default=50, help="update_proj_gap")
@@ -83,13 +86,11 @@ def make_optimizers(args):
         factories[GALORE_TORCH] = lambda model: GaLoreAdamW(
             galore_torch_param_groups(model, args.rank, args.gap, args.scale), lr=args.lr,
             no_deprecation_warning=True, **shared)
-    if args.modes:
-        from hf_lowrank.optim import create_optimizer
     for mode in args.modes:
         lr = args.adamw_lr[0] if mode == "adamw" else args.lr
-        factories[mode] = lambda model, mode=mode, lr=lr: create_optimizer(
-            model, mode, target_modules=PAPER_TARGET_MODULES, rank=args.rank, update_proj_gap=args.gap,
-            scale=args.scale, lr=lr, **shared)
+        factories[mode] = lambda model, mode=mode, lr=lr: create_mode_optimizer(
+            model, mode, args.weight_group_size, rank=args.rank, update_proj_gap=args.gap, scale=args.scale, lr=lr,
+            **shared)
     return factories
 
 
@@ -155,7 +156,9 @@ def train(name, args):
             eval_curve.append((step, evaluate(model, eval_data, args.batch)))
             print(f"  {name:<26} step {step:>5}  train {train_losses[-1]:.4f}  eval {eval_curve[-1][1]:.4f}",
                   flush=True)
-    return {"train": train_losses, "eval": eval_curve, "state_bytes": optimizer_state_size(optimizer)}
+    refreshes = getattr(optimizer, "refresh_report", dict)().values()
+    return {"train": train_losses, "eval": eval_curve, "state_bytes": optimizer_state_size(optimizer),
+            "refreshes": sum(r["refreshes"] for r in refreshes), "scheduled": sum(r["scheduled"] for r in refreshes)}
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     DEFAULT_OUT_DIR, PAPER_LLAMA, PAPER_TARGET_MODULES, PAPER_VOCAB, build_llama, command_line, format_bytes,
-    markdown_table, new_figure, projected_weights, setup_environment, write_results,
+    markdown_table, new_figure, parse_mode, projected_weights, setup_environment, write_results,
 )
 
 
@@ -79,23 +79,6 @@ def tensor_bytes(value) -> int:
     if isinstance(value, dict):
         return sum(tensor_bytes(v) for v in value.values())
     return 0
-
-
-def parse_mode(spec: str) -> tuple[str, dict]:
-    """``"galore:quant_bits=4,seed=1"`` -> ``("galore", {"quant_bits": 4, "seed": 1})`` (ints, floats or strings)."""
-    mode, _, options = spec.partition(":")
-    parsed = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"Mode option {item!r} in {spec!r} must look like key=value.")
-        for cast in (int, float, str):
-            try:
-                parsed[key] = cast(value)
-                break
-            except ValueError:
-                continue
-    return mode, parsed
 
 
 def mode_state(model, spec: str, rank: int) -> dict:

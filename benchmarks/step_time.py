@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/step_time.py`
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_OUT_DIR, PAPER_TARGET_MODULES, build_llama, command_line, galore_torch_param_groups,
+    DEFAULT_OUT_DIR, build_llama, command_line, create_mode_optimizer, galore_torch_param_groups,
     interleaved_times, markdown_table, median, new_figure, setup_environment, write_results,
 )
 
@@ -53,7 +53,10 @@ def parse_args(argv):
     model.add_argument("--batch", type=int, default=8)
     model.add_argument("--seq", type=int, default=128)
     opt = parser.add_argument_group("optimizers")
-    opt.add_argument("--modes", nargs="*", default=DEFAULT_MODES, help="hf_lowrank modes to time")
+    opt.add_argument("--modes", nargs="*", default=DEFAULT_MODES,
+                     help="hf_lowrank modes to time; 'mode:key=value,...' adds options")
+    opt.add_argument("--weight-group-size", type=int, default=64,
+                     help="q_galore: INT8 weight groups (must divide every targeted input dimension)")
     opt.add_argument("--rank", type=int, default=64, help="GaLore rank (paper ratio rank/hidden = 1/4)")
     opt.add_argument("--gap", type=int, default=200, help="update_proj_gap the amortized figures are for")
     opt.add_argument("--gap-run", type=int, default=10, help="update_proj_gap used while timing")
@@ -82,12 +85,9 @@ def make_candidates(args):
         candidates[GALORE_TORCH] = lambda model: GaLoreAdamW(
             galore_torch_param_groups(model, args.rank, args.gap_run, 0.25), lr=1e-2, eps=1e-8,
             no_deprecation_warning=True)
-    if args.modes:
-        from hf_lowrank.optim import create_optimizer
     for mode in args.modes:
-        candidates[mode] = lambda model, mode=mode: create_optimizer(
-            model, mode, target_modules=PAPER_TARGET_MODULES, rank=args.rank, update_proj_gap=args.gap_run,
-            scale=0.25, lr=1e-2)
+        candidates[mode] = lambda model, mode=mode: create_mode_optimizer(
+            model, mode, args.weight_group_size, rank=args.rank, update_proj_gap=args.gap_run, scale=0.25, lr=1e-2)
     return candidates
 
 

@@ -29,7 +29,7 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, generator: torc
     check_bits(bits, "bits")
     flat = x.detach().float().reshape(-1)
     pad = (-flat.numel()) % group_size
-    groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, group_size)
+    groups = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, group_size)
     lo, hi = groups.min(1, keepdim=True).values, groups.max(1, keepdim=True).values
     levels = 2**bits - 1
     scale = ((hi - lo) / levels).clamp_min(torch.finfo(torch.float32).tiny)
