@@ -320,10 +320,16 @@ def save_pretrained(
     repo_id: Optional[str] = None,
     license: Optional[str] = None,
 ) -> Path:
-    """Save weights as safetensors (PEFT models save their adapter), the tokenizer, the results JSON and README.md."""
+    """Save weights as safetensors (PEFT models save their adapter; Q-GaLore models their dequantized weights, so
+    ``from_pretrained`` loads them without hf_lowrank), the tokenizer, the results JSON and README.md."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    if getattr(model, "qgalore_config", None) is not None:
+        from .qgalore import export_dense
+
+        export_dense(model, output_dir)
+    else:
+        model.save_pretrained(output_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     if results is not None:

@@ -88,6 +88,8 @@ class RecipeConfig:
         metadata={"help": "Extra create_optimizer options, e.g. mode_options.moment_policy=rotate."},
     )
     layerwise: bool = field(default=False, metadata={"help": "Per-layer optimizer steps from gradient hooks."})
+    weight_group_size: int = field(default=256, metadata={
+        "help": "mode=q_galore: inputs per INT8 weight group (must divide every targeted layer's input size)."})
     # Layer sampling: mode=owlore (GaLore with rank/update_proj_gap/scale in the sampled blocks), mode=lisa (AdamW).
     sampling_gamma: int = field(default=5, metadata={"help": "Blocks trained at a time (mode=owlore/lisa)."})
     sampling_interval: int = field(default=50, metadata={"help": "Steps between block resamples (owlore/lisa)."})
@@ -371,7 +373,7 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
     """Return ``(model, optimizer_cls_and_kwargs)`` for cfg.mode: hf_lowrank's optimizer factory, which ``Trainer``
     calls with the model it trains (so it works under DDP and FSDP2, where ``Trainer`` refuses ``optimizers=``).
     LoRA wraps the model first and optimizes the adapters with AdamW."""
-    from hf_lowrank.optim import optimizer_factory
+    from hf_lowrank.optim import get_mode, optimizer_factory
 
     check_mode(cfg.mode)
     common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -382,6 +384,10 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
         from hf_lowrank.owlore import unfreeze_all_blocks
 
         unfreeze_all_blocks(model)
+    elif get_mode(cfg.mode).quantized_weights:  # q_galore: INT8 weights in the targeted linears
+        from hf_lowrank.qgalore import prepare_model_for_qgalore
+
+        prepare_model_for_qgalore(model, target_modules=cfg.target_modules, group_size=cfg.weight_group_size)
     # Modes without a projector (adamw, adamw_8bit) ignore the low-rank keywords, so one call serves every mode.
     spec = optimizer_factory(
         LAYER_SAMPLING_MODES[cfg.mode][1] if cfg.mode in LAYER_SAMPLING_MODES else cfg.mode,

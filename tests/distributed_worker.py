@@ -274,6 +274,17 @@ def fsdp2_scenarios(out: Path, rank: int, world_size: int):
     after = full_parameters(model)
     torch.save({"unchanged": all(torch.equal(before[n], after[n]) for n in before),
                 "report": optimizer.nonfinite_report()}, out / f"fsdp2-nonfinite-rank{rank}.pt")
+    # Q-GaLore's INT8 layers under FSDP2: refused with a clear error, never silently untrained
+    refused = {}
+    for mode in ("q_galore", "galore"):
+        model = shard(tiny_llama(mode="q_galore"))
+        try:
+            optimizer = create_optimizer(model, mode, **mode_options(mode))
+            ids = local_batch(data[0], rank, world_size)
+            model(input_ids=ids, labels=ids).loss.backward()
+        except (NotImplementedError, ValueError) as err:
+            refused[mode] = f"{type(err).__name__}: {err}"
+    torch.save(refused, out / f"fsdp2-qgalore-refused-rank{rank}.pt")
 
 
 DEEPSPEED_MODES = ("adamw", "adamw_8bit", "galore", "galore_8bit", "galore_dct", "galore_random", "frugal_sgd")

@@ -223,3 +223,9 @@ def test_trainer_with_deepspeed_zero2_matches_trainer_with_ddp(results):
     ddp_run, _ = load(results, "trainer-plain")
     assert deepspeed_run["wrapped"] == "DeepSpeedEngine"
     assert update_error(deepspeed_run["params"], ddp_run["params"]) < UPDATE_RTOL  # same losses, fp32 accuracy
+
+
+def test_fsdp2_refuses_quantized_layers_clearly(results):
+    refused, _ = load(results, "fsdp2-qgalore-refused")
+    assert "FSDP2 (fully_shard) cannot shard" in refused["q_galore"]
+    assert "would never reach its INT8 codes" in refused["galore"]

@@ -319,3 +319,32 @@ def test_a_dense_weight_into_a_quantized_model_is_a_clear_error():
 def test_config_round_trips():
     config = QGaLoreConfig(target_modules=["q_proj"], group_size=128)
     assert QGaLoreConfig(**config.to_dict()) == config
+
+
+def test_deepcopy_keeps_the_weights_and_shares_a_new_workspace():
+    import copy
+
+    model = prepared()
+    copied = copy.deepcopy(model)
+    ids = batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, copied(input_ids=ids).logits)
+    ptrs = {m.weight.untyped_storage().data_ptr() for m in quantized_layers(copied).values()}
+    assert len(ptrs) == 1 and not ptrs & {m.weight.untyped_storage().data_ptr() for m in quantized_layers(model).values()}
+    optimizer = create_optimizer(copied, "q_galore", **OPTIONS)  # the copy trains through its own sinks
+    before = copied.model.layers[0].mlp.up_proj.codes.clone()
+    train(copied, optimizer, batches(1))
+    assert not torch.equal(before, copied.model.layers[0].mlp.up_proj.codes)
+    assert torch.equal(before, model.model.layers[0].mlp.up_proj.codes)
+
+
+def test_four_bit_weights_pack_two_codes_a_byte_and_train():
+    model = prepared(weight_bits=4)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.codes.numel() == 64 * 128 // 2
+    dense = make_tiny_llama()
+    error = (layer.dequantized_weight() - dense.model.layers[0].mlp.down_proj.weight).abs()
+    assert error.max() <= (layer.scale.max() / 2) * 1.001
+    codes = layer.codes.clone()
+    train(model, create_optimizer(model, "q_galore", **OPTIONS), batches(2))
+    assert not torch.equal(codes, layer.codes)

@@ -77,3 +77,10 @@ def test_shipped_configs_load(path):
         assert (cfg.max_seq_length, cfg.scale, cfg.warmup_ratio, cfg.min_lr_ratio) == (256, 0.25, 0.1, 0.1)
         assert cfg.rank == {512: 128, 768: 256, 1024: 256, 2048: 512, 4096: 1024}[hidden]
         assert cfg.batch_size * cfg.gradient_accumulation_steps == 512
+
+
+def test_q_galore_mode_prepares_the_model(tmp_path):
+    metrics = pretrain.main(["mode=q_galore", "weight_group_size=64", f"results_dir={tmp_path}", *FAST])
+    assert metrics["eval_loss"] < math.log(256)
+    record = json.loads(next(tmp_path.glob("*q_galore*.json")).read_text())
+    assert record["train_info"]["optimizer_state_bytes"] > 0

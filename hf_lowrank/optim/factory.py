@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..utils import find_target_linears
+from . import distributed as dist_driver
 from .inner import INNER_OPTION_DEFAULTS
 from .modes import get_mode
 from .optimizer import PROJECTION_DEFAULTS, ProjectedOptimizer, projector_option_names
@@ -91,6 +92,9 @@ def optimizer_cls_and_kwargs(
     else:
         targets = find_target_linears(model, target_modules, module_types=projectable_module_types(model))
         if spec.quantized_weights and not any(update_sink_of(m.weight) is not None for _, m in targets):
+            if any(dist_driver.is_dtensor(p) for p in model.parameters()):
+                raise ValueError(f"Mode {mode!r} trains quantized weights, which FSDP2 (fully_shard) cannot shard; "
+                                 "train it under DDP or in one process.")
             raise ValueError(
                 f"Mode {mode!r} trains quantized weights, but none of the {len(targets)} module(s) matched by "
                 f"`target_modules`={target_modules!r} is quantized. Call hf_lowrank.prepare_model_for_qgalore(model) "

@@ -9,13 +9,14 @@ through the layer's update sink (``begin`` / ``commit``): dequantize, apply the 
 re-quantize with stochastic rounding.
 """
 import contextlib
+import copy
 import weakref
 import zlib
 
 import torch
 import torch.nn as nn
 
-from ..optim.sinks import attach_update_sink
+from ..optim.sinks import attach_update_sink, update_sink_of
 from ..utils.quantization import dequantize_groups, packed_bytes, quantize_groups
 
 
@@ -66,6 +67,9 @@ class CarrierPool:
             self._workspaces[key] = torch.zeros(self.numel, dtype=dtype, device=device)
         self._users[key] = self._users.get(key, 0) + 1
         return self._workspaces[key][: int(torch.Size(shape).numel())].view(shape)
+
+    def __deepcopy__(self, memo):
+        return CarrierPool(self.numel)  # a copied model gets its own workspaces, acquired by its copied layers
 
     def release(self, carrier: torch.Tensor) -> None:
         key = (carrier.device, carrier.dtype)
@@ -141,6 +145,10 @@ class QuantLinear(nn.Module):
                                          dtype or self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if update_sink_of(self.weight) is not self:
+            raise NotImplementedError(
+                "This QuantLinear's weight parameter was replaced (FSDP2's fully_shard does this), so optimizer updates "
+                "would never reach its INT8 codes. Q-GaLore layers train under DDP or in one process.")
         out = _QuantizedLinearFunction.apply(x, self.weight, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
@@ -196,6 +204,19 @@ class QuantLinear(nn.Module):
         with self._carrier_hidden():
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
+
+    def __deepcopy__(self, memo):
+        """Copies buffers and bias; the copy's carrier views the copied model's pool (not a full-size clone)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        with self._carrier_hidden() as carrier:
+            for key, value in self.__dict__.items():
+                copied.__dict__[key] = copy.deepcopy(value, memo)
+        weight = nn.Parameter(copied.pool.acquire(self.weight_shape, carrier.dtype, carrier.device),
+                              requires_grad=carrier.requires_grad)
+        copied._parameters["weight"] = weight
+        attach_update_sink(weight, copied)
+        return copied
 
     def extra_repr(self) -> str:
         q = self.quantizer
