@@ -28,6 +28,10 @@ from typing import Optional
 import yaml
 
 
+class CommandError(Exception):
+    """A failure the CLI reports as one line (exit status 2), e.g. modes of `compare` that did not finish."""
+
+
 def read_recipe_name(config: Path) -> str:
     if not config.is_file():
         raise FileNotFoundError(f"Config file {str(config)!r} does not exist.")
@@ -152,7 +156,7 @@ def compare(config: Path, modes: list[str], overrides: list[str], results_dir: s
     print(table)
     print(f"\n{note}\nWrote {stem}.md" + (f" and {stem}.png" if records else ""))
     if failed:
-        raise RuntimeError(f"Modes that failed: {', '.join(failed)} (see the output above).")
+        raise CommandError(f"Modes that failed: {', '.join(failed)} (see the output above).")
     return records
 
 
@@ -266,7 +270,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             for key, value in environment().items():
                 print(f"{key:<16} {value}")
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError, subprocess.CalledProcessError) as err:
+    # Configuration errors become one line; anything else (a RuntimeError such as CUDA out of memory, a bug)
+    # propagates with its traceback.
+    except (ValueError, FileNotFoundError, ImportError, CommandError, subprocess.CalledProcessError) as err:
         print(f"hf-lowrank: error: {err}", file=sys.stderr)
         return 2
     return 0

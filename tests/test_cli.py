@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,24 @@ def test_errors_are_one_line_messages(args, message, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-lowrank: error:") and message in err and "Traceback" not in err
+
+
+def test_unexpected_runtime_errors_keep_their_traceback(monkeypatch):
+    """An out-of-memory error (or any bug) is not squashed into a one-line 'configuration' message."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "run_recipe", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        cli.main(["train", str(TINY)])
+
+
+def test_compare_reports_failed_modes_in_one_line(tmp_path, monkeypatch, capsys):
+    failed = subprocess.CompletedProcess(args=[], returncode=1)
+    monkeypatch.setattr(cli.subprocess, "run", lambda *args, **kwargs: failed)
+    assert cli.main(["compare", str(TINY), "--modes", "adamw", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("hf-lowrank: error: Modes that failed: adamw") and "Traceback" not in err
 
 
 def test_yaml_without_recipe_key(tmp_path, capsys):
