@@ -112,6 +112,8 @@ class TunerModel(nn.Module):
         super().__init__()
         self.model = model
         self.tuner_config = config
+        # what merge_and_unload restores: the base model's own trainable / frozen choice per parameter
+        self.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -138,6 +140,12 @@ class TunerModel(nn.Module):
     def card_details(self) -> list[str]:
         """Markdown lines describing this tuner's result, added to the model card."""
         return []
+
+    def restore_requires_grad(self) -> None:
+        """After a merge: every parameter trainable or frozen as it was before the tuner was applied (a merged
+        layer's weight as the weight it replaced)."""
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self.original_requires_grad.get(name, True))
 
     def projected_parameter_names(self) -> list[str]:
         """Trainable 2-D parameters whose gradients may be projected to low rank (GaLore-style)."""

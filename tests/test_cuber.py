@@ -373,7 +373,7 @@ def test_trainer_rejects_bad_input(tmp_path):
             super().__init__()
             self.embed = nn.Embedding(10, 4)
 
-    with pytest.raises(ValueError, match="cannot be projected"):
+    with pytest.raises(ValueError, match="'embed' matches \\['Embedding'\\].*selects nothing"):
         make_trainer(tmp_path, WithEmbedding(), target_modules=["embed", "lin1"])
     grouped = TinyNet(conv=True)
     grouped.conv = nn.Conv2d(2, 4, 3, groups=2)

@@ -289,7 +289,7 @@ def test_trainer_factory_protocol_trains_a_prepared_model(tmp_path):
 @pytest.mark.parametrize("options, match", [
     ({"group_size": 48}, "`group_size`=48 does not divide the input dimension 64"),
     ({"weight_bits": 3}, "`weight_bits`=3 is not supported"),
-    ({"target_modules": ["norm"]}, "matches .*RMSNorm.* but no nn.Linear"),
+    ({"target_modules": ["norm"]}, "matches .*RMSNorm.* but no Linear"),
     ({"target_modules": ["model.embed_tokens"]}, "Embedding"),
     ({"group_size": 0}, "`group_size` must be a positive int"),
 ])

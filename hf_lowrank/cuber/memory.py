@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils.targets import module_matches
+from ..utils.targets import find_target_linears
 
 
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
@@ -36,26 +36,13 @@ def _check_projectable(name: str, module: nn.Module) -> None:
 
 
 def find_projectable_layers(model: nn.Module, target_modules, exclude=None) -> list[tuple[str, nn.Module]]:
-    """Target layers in model order. A matched module that owns a weight but is not supported raises ValueError."""
-    if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
-        raise ValueError("`target_modules` is empty: pass 'all-linear', a regex, or a list of module names.")
-    layers = []
-    for name, module in model.named_modules():
-        if exclude and module_matches(name, exclude):
-            continue
-        if target_modules == "all-linear":
-            if isinstance(module, nn.Linear):
-                layers.append((name, module))
-            continue
-        owns_weight = isinstance(getattr(module, "weight", None), nn.Parameter)
-        if owns_weight and module_matches(name, target_modules):
-            _check_projectable(name, module)
-            layers.append((name, module))
-    if not layers:
-        raise ValueError(
-            f"`target_modules`={target_modules!r} matched no nn.Linear/nn.Conv2d layer (heads excluded). "
-            "Use 'all-linear', a full-match regex, or a list of names/substrings."
-        )
+    """Target layers in model order (the library's one matcher, ``utils.targets``); an entry that matches only
+    unsupported modules, or a Conv2d that cannot be projected, raises ValueError. ``"all-linear"`` is the linear
+    layers (a convolution is targeted by name)."""
+    types = (nn.Linear,) if target_modules == "all-linear" else SUPPORTED_TYPES
+    layers = find_target_linears(model, target_modules, module_types=types, exclude=exclude, unsupported="raise")
+    for name, module in layers:
+        _check_projectable(name, module)
     return layers
 
 

@@ -33,11 +33,10 @@ class GradNormLoRPModel(TunerModel):
         set_trainable(self.model, trainable | modules_to_save_names(self.model, self.tuner_config.modules_to_save))
 
     def reparameterize(self) -> "GradNormLoRPModel":
-        found = find_target_linears(self.model, self.tuner_config.target_modules, parameter_name="target_modules")
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        names = [n for n, m in found if m is not head and not is_reparameterized(m)]
+        found = find_target_linears(self.model, self.tuner_config.target_modules, module_types=(nn.Linear,))
+        names = [n for n, m in found if not is_reparameterized(m)]
         if not names:
-            raise ValueError("`target_modules` matched only the output embedding or already reparameterised layers.")
+            raise ValueError("`target_modules` matched only already reparameterised layers.")
         self._apply_layout({"targets": names})
         return self
 
@@ -63,8 +62,7 @@ class GradNormLoRPModel(TunerModel):
         for name in self.targets:
             merge(self.model.get_submodule(name))
         self.targets = []
-        for param in self.model.parameters():
-            param.requires_grad_(True)
+        self.restore_requires_grad()
         return self.model
 
     def card_details(self) -> list[str]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..optim.sinks import attach_update_sink, update_sink_of
-from ..utils.targets import find_target_linears, module_matches
+from ..utils.targets import find_target_linears
 from .config import QGaLoreConfig
 from .layer import CarrierPool, FakeQuantSink, QuantLinear, WeightQuantizer, layer_seed
 
@@ -38,17 +38,8 @@ def prepare_model_for_qgalore(model: nn.Module, config: QGaLoreConfig | None = N
 
 
 def _targets(model: nn.Module, config: QGaLoreConfig) -> list[tuple[str, nn.Linear]]:
-    targets = config.target_modules
-    entries = [targets] if isinstance(targets, str) else [[entry] for entry in targets]
-    for entry in entries:  # an entry that names modules but no nn.Linear among them is a mistake
-        named = [(n, m) for n, m in model.named_modules() if n and module_matches(n, entry)]
-        if named and not any(isinstance(m, nn.Linear) for _, m in named):
-            kinds = sorted({type(m).__name__ for _, m in named})
-            raise ValueError(
-                f"`target_modules` entry {entry if isinstance(entry, str) else entry[0]!r} matches {kinds} module(s) (e.g. {named[0][0]!r}) but no nn.Linear; "
-                "Q-GaLore quantizes nn.Linear weights only (GPT-2's Conv1D is not supported yet). Target the linear "
-                "projections, e.g. ['attn', 'mlp'] or ['q_proj', 'v_proj'].")
-    targets = find_target_linears(model, config.target_modules)
+    # Q-GaLore quantizes nn.Linear only (GPT-2's Conv1D is not supported yet): anything else is an error
+    targets = find_target_linears(model, config.target_modules, module_types=(nn.Linear,), unsupported="raise")
     for name, linear in targets:
         if linear.in_features % config.group_size:
             divisors = [d for d in (32, 64, 128, 256, 512) if linear.in_features % d == 0]

@@ -3,6 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils.targets import is_conv1d, linear_weight
+
 
 def svd_factors(weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32):
     """Balanced rank-`rank` factors of `weight` (out×in): ``U_k·√S_k`` (out×k) and ``√S_k·V_kᵀ`` (k×in).
@@ -22,8 +24,9 @@ class WeLoreLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | None = None, conv1d: bool = False):
         super().__init__()
+        self.conv1d = conv1d  # replaces a transformers Conv1D (GPT-2): merged back into one
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"`rank` must be in [1, {min(in_features, out_features)}] for a "
                              f"{out_features}x{in_features} layer, got {rank}.")
@@ -34,10 +37,12 @@ class WeLoreLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **kwargs), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, svd_dtype: torch.dtype = torch.float32) -> "WeLoreLinear":
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype, device=linear.weight.device)
-        up, down = svd_factors(linear.weight, rank, svd_dtype)
+    def from_linear(cls, linear: nn.Module, rank: int, svd_dtype: torch.dtype = torch.float32) -> "WeLoreLinear":
+        """From an ``nn.Linear`` or a transformers ``Conv1D`` (whose weight is stored transposed)."""
+        weight = linear_weight(linear)
+        layer = cls(weight.shape[1], weight.shape[0], rank, bias=linear.bias is not None, dtype=weight.dtype,
+                    device=weight.device, conv1d=is_conv1d(linear))
+        up, down = svd_factors(weight, rank, svd_dtype)
         with torch.no_grad():
             layer.welore_U.copy_(up)
             layer.welore_V.copy_(down)
@@ -52,13 +57,19 @@ class WeLoreLinear(nn.Module):
         """The merged weight ``U @ V`` (out×in)."""
         return self.welore_U @ self.welore_V
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing the same function (the merge of WeLore issue #3)."""
+    def to_linear(self) -> nn.Module:
+        """A plain ``nn.Linear`` (or ``Conv1D``, if it replaced one) computing the same function (the merge of
+        WeLore issue #3)."""
         weight = self.welore_U.detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           dtype=weight.dtype, device=weight.device)
+        if self.conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            linear = Conv1D(self.out_features, self.in_features).to(dtype=weight.dtype, device=weight.device)
+        else:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
-            linear.weight.copy_(self.to_dense())
+            linear_weight(linear).copy_(self.to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear

@@ -16,7 +16,7 @@ import torch.nn as nn
 from transformers.utils import logging
 
 from ..tuners import TunerModel, modules_to_save_names, set_trainable
-from ..utils.targets import find_target_linears
+from ..utils.targets import find_target_linears, is_conv1d, linear_weight
 from .config import WeLoreConfig
 from .layer import WeLoreLinear, svd_factors
 
@@ -110,12 +110,8 @@ class WeLoreModel(TunerModel):
         self.num_targeted = 0
 
     # --- planning ------------------------------------------------------------------------------------
-    def _targets(self) -> list[tuple[str, nn.Linear]]:
-        targets = find_target_linears(self.model, self.tuner_config.target_modules, parameter_name="target_modules")
-        if self.tuner_config.target_modules == "all-linear":
-            head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-            targets = [(n, m) for n, m in targets if m is not head]
-        return targets
+    def _targets(self) -> list[tuple[str, nn.Module]]:
+        return find_target_linears(self.model, self.tuner_config.target_modules)
 
     def _overrides(self, names: list[str]) -> dict[str, int]:
         overrides = {}
@@ -134,7 +130,7 @@ class WeLoreModel(TunerModel):
         overrides = self._overrides([n for n, _ in targets])
         plans = {}
         for name, linear in targets:
-            shape = tuple(linear.weight.shape)
+            shape = tuple(linear_weight(linear).shape)
             rank = overrides.get(name, min(shape))
             if rank > min(shape):
                 raise ValueError(f"`rank_pattern` gives {name} rank {rank} > its full rank {min(shape)}.")
@@ -168,7 +164,7 @@ class WeLoreModel(TunerModel):
             elif plan.format == TRUNCATED:
                 up, down = svd_factors(linear.weight, plan.rank, svd_dtype)
                 with torch.no_grad():
-                    linear.weight.copy_(up @ down)
+                    linear_weight(linear).copy_(up @ down)
         self._freeze()
         lrcs = sum(p.is_lrc for p in plans.values())
         if self.tuner_config.rank_reduction is not None and self.tuner_config.method == "welore":
@@ -200,12 +196,12 @@ class WeLoreModel(TunerModel):
         self.num_targeted = layout["num_targeted"]
         for name, entry in layout["layers"].items():
             linear = self.model.get_submodule(name)
-            shape = tuple(linear.weight.shape)
+            shape = tuple(linear_weight(linear).shape)
             self.plans[name] = LayerPlan(shape, entry["full_rank"], entry["rank"], min_ratio=0.0)
             if entry["format"] == FACTORS:
                 self.model.set_submodule(name, WeLoreLinear(
                     shape[1], shape[0], entry["rank"], bias=linear.bias is not None,
-                    dtype=linear.weight.dtype, device=linear.weight.device))
+                    dtype=linear.weight.dtype, device=linear.weight.device, conv1d=is_conv1d(linear)))
         self._freeze()
 
     def tuner_state_dict(self) -> dict[str, torch.Tensor]:
@@ -228,12 +224,12 @@ class WeLoreModel(TunerModel):
         return self.lrc_parameter_names()
 
     def merge_and_unload(self) -> nn.Module:
-        """Replace every factor pair by a dense ``nn.Linear`` (``U @ V``) and return the plain transformers model."""
+        """Replace every factor pair by a dense layer of the original type (``U @ V``) and return the plain
+        transformers model, each parameter trainable as it was before the tuner froze it."""
         for name, module in list(self.model.named_modules()):
             if isinstance(module, WeLoreLinear):
                 self.model.set_submodule(name, module.to_linear())
-        for param in self.model.parameters():
-            param.requires_grad_(True)
+        self.restore_requires_grad()
         return self.model
 
     def card_details(self) -> list[str]:
