@@ -4,9 +4,11 @@ A recipe is one script (``recipes/<recipe>.py``) plus YAML configs (``recipes/co
 Each script subclasses :class:`RecipeConfig` with its own fields and calls, in order:
 
     cfg = parse_args(MyConfig)                       # YAML + key=value overrides, unknown keys listed
-    check_mode(cfg.mode)                             # before any data or model is loaded
-    model, optimizer_spec = build_optimizer(model, cfg)   # hf_lowrank.optimizer_factory, or PEFT LoRA
-    trainer, meter = fit(cfg, model, optimizer_spec, train_dataset, data_collator)
+    with recording_errors(cfg):                      # a failure still writes the results JSON (status "error")
+        check_mode(cfg.mode)                         # before any data or model is loaded
+        model, optimizer_spec = build_optimizer(model, cfg)   # hf_lowrank.optimizer_factory, or PEFT LoRA
+        trainer, meter = fit(cfg, model, optimizer_spec, train_dataset, data_collator)
+        metrics = ...                                # evaluation
     write_results(cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer)
 
 Results land in ``<results_dir>/<task>--<mode>--<config_name>.json`` with ``run_info``/``train_info``/``meta_info``
@@ -15,6 +17,7 @@ blocks; :func:`results_table` and :func:`plot_results` turn a set of them into a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -692,13 +695,33 @@ def build_results(
 
 
 def write_results(cfg: RecipeConfig, metrics: dict, **kwargs) -> Path:
-    """Write ``<results_dir>/<task>--<mode>--<config_name>.json`` and return its path."""
+    """Write ``<results_dir>/<task>--<mode>--<config_name>.json`` (atomically: several failing processes may write
+    it) and return its path."""
     record = build_results(cfg, metrics, **kwargs)
     path = results_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
     logger.info(f"Results written to {path}")
     return path
+
+
+@contextlib.contextmanager
+def recording_errors(cfg: RecipeConfig):
+    """Run a recipe's training and evaluation; when they raise, write the results JSON with ``status: "error"`` and
+    the error (from whichever process failed), then re-raise: a failed run leaves a record of its failure, not
+    nothing or an older run's ``"ok"`` record."""
+    try:
+        yield
+    except Exception as err:
+        world, rank = world_size(), int(os.environ.get("RANK", 0))
+        error = f"{type(err).__name__}: {err}" + (f" (process {rank} of {world})" if world > 1 else "")
+        try:
+            write_results(cfg, {}, error=error)
+        except OSError as write_error:  # keep the run's own error the one that propagates
+            logger.error(f"Could not write the error record of {cfg.run_name}: {write_error}")
+        raise
 
 
 RESULTS_SCHEMA = {
@@ -767,7 +790,8 @@ def results_table(records: list[dict], baseline_mode: str = "adamw") -> str:
         base = baseline.get((run["task"], run["config_name"]))
         step = info.get("step_time_median_s")
         ratio = f"{step / base:.2f}" if step and base else "–"
-        row = [run["task"], run["mode"], run["config_name"], *(_fmt(info["metrics"].get(m)) for m in metric_names),
+        mode = run["mode"] + (" (error)" if run.get("status") == "error" else "")
+        row = [run["task"], mode, run["config_name"], *(_fmt(info["metrics"].get(m)) for m in metric_names),
                _mb(info.get("optimizer_state_bytes")), ratio, _mb(info.get("peak_memory_bytes")),
                f"{info['trainable_params']:,}" if info.get("trainable_params") is not None else "–"]
         lines.append("| " + " | ".join(row) + " |")

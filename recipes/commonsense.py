@@ -272,19 +272,21 @@ def main(argv=None) -> dict:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     cfg = common.parse_args(CommonsenseConfig, argv, recipe="commonsense")
-    common.check_mode(cfg.mode)
-    set_seed(cfg.seed)
-    test_sets = {task: load_task(cfg, task) for task in cfg.tasks}
-    train_records = load_train(cfg) if cfg.do_train else []
-    model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
-    train_dataset = training_dataset(train_records, tokenizer, cfg) if cfg.do_train else None
-    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
-    trainer, meter = common.fit(
-        cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
-        processing_class=tokenizer,
-    )
-    metrics = evaluate(trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode, batch_size=cfg.eval_batch_size,
-                       max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, progress=cfg.progress)
+    with common.recording_errors(cfg):
+        common.check_mode(cfg.mode)
+        set_seed(cfg.seed)
+        test_sets = {task: load_task(cfg, task) for task in cfg.tasks}
+        train_records = load_train(cfg) if cfg.do_train else []
+        model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
+        train_dataset = training_dataset(train_records, tokenizer, cfg) if cfg.do_train else None
+        model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
+        trainer, meter = common.fit(
+            cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
+            processing_class=tokenizer,
+        )
+        metrics = evaluate(trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode,
+                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                           progress=cfg.progress)
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
         world = trainer.args.world_size

@@ -187,17 +187,19 @@ def main(argv=None) -> dict:
     from transformers import DataCollatorWithPadding, set_seed
 
     cfg = common.parse_args(GlueConfig, argv, recipe="glue")
-    common.check_mode(cfg.mode)
-    set_seed(cfg.seed)
-    spec = GLUE_TASKS[cfg.task]
-    data = load_glue(cfg)
-    model, tokenizer = load_model(cfg)
-    encoded = tokenize(data, tokenizer, cfg)
-    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="SEQ_CLS")
-    trainer, meter = common.fit(
-        cfg, model, optimizer_spec, encoded.get("train"), DataCollatorWithPadding(tokenizer), processing_class=tokenizer
-    )
-    metrics = predict(trainer, encoded[spec.eval_split], cfg.task)
+    with common.recording_errors(cfg):
+        common.check_mode(cfg.mode)
+        set_seed(cfg.seed)
+        spec = GLUE_TASKS[cfg.task]
+        data = load_glue(cfg)
+        model, tokenizer = load_model(cfg)
+        encoded = tokenize(data, tokenizer, cfg)
+        model, optimizer_spec = common.build_optimizer(model, cfg, task_type="SEQ_CLS")
+        trainer, meter = common.fit(
+            cfg, model, optimizer_spec, encoded.get("train"), DataCollatorWithPadding(tokenizer),
+            processing_class=tokenizer,
+        )
+        metrics = predict(trainer, encoded[spec.eval_split], cfg.task)
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
         world = trainer.args.world_size

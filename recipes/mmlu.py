@@ -269,28 +269,29 @@ def main(argv=None) -> dict:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     cfg = common.parse_args(MMLUConfig, argv, recipe="mmlu")
-    common.check_mode(cfg.mode)
-    set_seed(cfg.seed)
-    eval_questions = stratified_head(load_split(cfg, cfg.eval_split), cfg.max_eval_samples)
-    shots: dict[str, list[Question]] = defaultdict(list)
-    if cfg.num_fewshot:
-        for q in load_split(cfg, cfg.fewshot_split):
-            shots[q.subject].append(q)
-    train_questions = load_split(cfg, cfg.train_split) if cfg.do_train else []
-    if cfg.do_train and not train_questions:
-        raise ValueError(f"Split {cfg.train_split!r} has no questions for the chosen subjects.")
-    if cfg.max_train_samples is not None:
-        train_questions = train_questions[: cfg.max_train_samples]
-    model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
-    train_dataset = training_dataset(train_questions, tokenizer, cfg) if cfg.do_train else None
-    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
-    trainer, meter = common.fit(
-        cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
-        processing_class=tokenizer,
-    )
-    result = evaluate(trainer.model, tokenizer, eval_questions, shots, cfg.num_fewshot, cfg.eval_batch_size,
-                      cfg.max_eval_length, progress=cfg.progress)
-    metrics = {"accuracy_macro": result["accuracy_macro"], "accuracy_micro": result["accuracy_micro"]}
+    with common.recording_errors(cfg):
+        common.check_mode(cfg.mode)
+        set_seed(cfg.seed)
+        eval_questions = stratified_head(load_split(cfg, cfg.eval_split), cfg.max_eval_samples)
+        shots: dict[str, list[Question]] = defaultdict(list)
+        if cfg.num_fewshot:
+            for q in load_split(cfg, cfg.fewshot_split):
+                shots[q.subject].append(q)
+        train_questions = load_split(cfg, cfg.train_split) if cfg.do_train else []
+        if cfg.do_train and not train_questions:
+            raise ValueError(f"Split {cfg.train_split!r} has no questions for the chosen subjects.")
+        if cfg.max_train_samples is not None:
+            train_questions = train_questions[: cfg.max_train_samples]
+        model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
+        train_dataset = training_dataset(train_questions, tokenizer, cfg) if cfg.do_train else None
+        model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
+        trainer, meter = common.fit(
+            cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
+            processing_class=tokenizer,
+        )
+        result = evaluate(trainer.model, tokenizer, eval_questions, shots, cfg.num_fewshot, cfg.eval_batch_size,
+                          cfg.max_eval_length, progress=cfg.progress)
+        metrics = {"accuracy_macro": result["accuracy_macro"], "accuracy_micro": result["accuracy_micro"]}
     common.logger.warning(f"{cfg.run_name}: {metrics} on {result['num_questions']} questions, "
                           f"{cfg.num_fewshot}-shot")
     if trainer.is_world_process_zero():

@@ -179,19 +179,21 @@ def main(argv=None) -> dict:
     from transformers import LlamaForCausalLM, default_data_collator, set_seed
 
     cfg = common.parse_args(PretrainConfig, argv, recipe="pretrain")
-    common.check_mode(cfg.mode)
-    set_seed(cfg.seed)
-    tokenizer = Tokenizer(cfg.tokenizer_name)
-    train_texts, eval_texts = text_sources(cfg)
-    evaluation = eval_blocks(eval_texts, tokenizer, cfg)
-    model = LlamaForCausalLM(llama_config(cfg, tokenizer.vocab_size))
-    model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
-    trainer, meter = common.fit(
-        cfg, model, optimizer_spec, PackedText(train_texts, tokenizer, cfg.max_seq_length), default_data_collator,
-        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler_type == "cosine_with_min_lr" else {},
-    )
-    eval_loss = trainer.evaluate(evaluation)["eval_loss"]
-    metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+    with common.recording_errors(cfg):
+        common.check_mode(cfg.mode)
+        set_seed(cfg.seed)
+        tokenizer = Tokenizer(cfg.tokenizer_name)
+        train_texts, eval_texts = text_sources(cfg)
+        evaluation = eval_blocks(eval_texts, tokenizer, cfg)
+        model = LlamaForCausalLM(llama_config(cfg, tokenizer.vocab_size))
+        model, optimizer_spec = common.build_optimizer(model, cfg, task_type="CAUSAL_LM")
+        min_lr = {"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler_type == "cosine_with_min_lr" else {}
+        trainer, meter = common.fit(
+            cfg, model, optimizer_spec, PackedText(train_texts, tokenizer, cfg.max_seq_length), default_data_collator,
+            lr_scheduler_kwargs=min_lr,
+        )
+        eval_loss = trainer.evaluate(evaluation)["eval_loss"]
+        metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size

@@ -176,3 +176,63 @@ def test_run_script_without_a_process_group_just_runs_main():
     calls = []
     common.run_script(lambda: calls.append("main"))
     assert calls == ["main"]
+
+
+def test_a_failed_run_writes_an_error_record_over_the_old_one_and_reraises(tmp_path):
+    cfg = common.load_config(DemoConfig, None, ["config_name=minilm", f"results_dir={tmp_path}"])
+    common.write_results(cfg, {"accuracy": 0.9})  # an earlier successful run of the same config
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        with common.recording_errors(cfg):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    record = json.loads(common.results_path(cfg).read_text())
+    common.validate_results(record)
+    assert record["run_info"]["status"] == "error" and record["train_info"]["metrics"] == {}
+    assert record["run_info"]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "| sst2 | adamw (error) | minilm |" in common.results_table(common.load_results(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["sst2--adamw--minilm.json"]  # no partial files left
+
+
+def test_error_record_names_the_failing_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cfg = common.load_config(DemoConfig, None, [f"results_dir={tmp_path}"])
+    with pytest.raises(ValueError):
+        with common.recording_errors(cfg):
+            raise ValueError("boom")
+    assert json.loads(common.results_path(cfg).read_text())["run_info"]["error"] == "ValueError: boom (process 1 of 2)"
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "glue", "mmlu", "commonsense"])
+def test_every_recipe_records_its_failure(recipe, tmp_path, monkeypatch):
+    """The failure is injected at the first step of each recipe's body, before any data or model is loaded."""
+    import importlib
+
+    module = importlib.import_module(recipe)
+
+    def fail(mode):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(module.common, "check_mode", fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        module.main([f"results_dir={tmp_path}", "progress=false"])
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["run_info"]["recipe"] == recipe and record["run_info"]["status"] == "error"
+    assert record["run_info"]["error"] == "RuntimeError: injected failure"
+
+
+def test_pretrain_records_a_failure_during_training(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    import pretrain
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(Trainer, "train", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pretrain.main([f"results_dir={tmp_path}", "max_steps=2", "batch_size=2", "max_seq_length=16",
+                       "eval_batches=1", "eval_batch_size=2", "model_config.num_hidden_layers=1", "progress=false"])
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["run_info"]["status"] == "error" and "CUDA out of memory" in record["run_info"]["error"]
