@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from transformers.utils import logging
 logger = logging.get_logger("hf_lowrank.recipes")
 
 RECIPES_DIR = Path(__file__).resolve().parent
+REPO_DIR = RECIPES_DIR.parent
 LORA_MODE = "lora"
 # Layer-sampling arms: (sampling, optimizer mode inside the gamma sampled blocks): OwLore samples by outlier ratio
 # and trains with GaLore; LISA samples uniformly and trains with AdamW.
@@ -281,15 +283,51 @@ def load_config(config_cls, path: Optional[str] = None, overrides: tuple[str, ..
         values["config_name"] = stem[: -len(suffix)] if yaml_mode and stem.endswith(suffix) else stem
     if path is not None:
         values["config_path"] = str(path)
-    values["command"] = values.get("command") or _reproduce_command(path, overrides, values)
+    recipe = values.get("recipe") or fields_["recipe"].default or "<recipe>"
+    values["command"] = values.get("command") or _reproduce_command(recipe, path, overrides)
     return config_cls(**values)
 
 
-def _reproduce_command(path, overrides, values) -> str:
-    recipe = values.get("recipe") or "<recipe>"
-    config = f" --config {path}" if path is not None else ""
-    extra = "".join(f" {o}" for o in overrides)
-    return f"accelerate launch recipes/{recipe}.py{config}{extra}"
+def portable_path(value: str) -> str:
+    """`value` as results and cards store it: an absolute path becomes relative to the repository, or its bare name
+    when it lies outside; anything else (relative paths, Hub ids) is unchanged. No machine's layout is recorded."""
+    if not os.path.isabs(value):
+        return value
+    path = Path(value)
+    return path.relative_to(REPO_DIR).as_posix() if path.is_relative_to(REPO_DIR) else path.name
+
+
+def portable(value):
+    """:func:`portable_path` applied to every string in a (nested) config value."""
+    if isinstance(value, str):
+        return portable_path(value)
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    return value
+
+
+def launcher() -> list[str]:
+    """The launcher of this process: ``accelerate launch`` alone for one process; for WORLD_SIZE > 1 the one that
+    started it (accelerate sets ACCELERATE_MIXED_PRECISION in its workers, torchrun does not) with its sizes."""
+    world = world_size()
+    if world <= 1:
+        return ["accelerate", "launch"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = world // per_node
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        backend = "--use_fsdp" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else "--multi_gpu"
+        machines = ["--num_machines", str(nodes)] if nodes > 1 else []
+        return ["accelerate", "launch", backend, "--num_processes", str(world), *machines]
+    return ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc_per_node", str(per_node)]
+
+
+def _reproduce_command(recipe: str, path, overrides) -> str:
+    """The command that reruns this config from the repository root, under the launcher that started it."""
+    config = ["--config", portable_path(str(path))] if path is not None else []
+    extra = [f"{key}{sep}{portable_path(value)}" for key, sep, value in (o.partition("=") for o in overrides)]
+    return shlex.join([*launcher(), f"recipes/{recipe}.py", *config, *extra])
 
 
 def parse_args(config_cls, argv: Optional[list[str]] = None, recipe: Optional[str] = None):
@@ -685,7 +723,7 @@ def build_results(
             "run_name": cfg.run_name,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": cfg.command,
-            "config": cfg.to_dict(),
+            "config": portable(cfg.to_dict()),
             "status": "error" if error else "ok",
             "error": error,
         },

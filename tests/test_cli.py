@@ -24,6 +24,11 @@ def test_train_runs_the_recipe_named_in_the_yaml(tmp_path):
     record = json.loads((tmp_path / "tinyshakespeare--galore--tiny.json").read_text())
     assert record["train_info"]["steps"] == 3 and record["run_info"]["config"]["rank"] == 4
     assert record["meta_info"]["system"]["world_size"] == 1
+    assert record["run_info"]["command"].startswith(
+        "accelerate launch recipes/pretrain.py --config recipes/configs/pretrain/tiny_galore.yaml "
+        f"results_dir={tmp_path.name} max_steps=3")
+    text = (tmp_path / "tinyshakespeare--galore--tiny.json").read_text()
+    assert str(tmp_path) not in text and str(ROOT) not in text
 
 
 def _free_port() -> int:
@@ -46,6 +51,8 @@ def test_accelerate_launcher_runs_two_cpu_processes(tmp_path, monkeypatch):
     assert record["meta_info"]["system"]["world_size"] == 2 and not record["meta_info"]["system"]["cuda"]
     assert record["train_info"]["steps"] == 3 and record["train_info"]["metrics"]["perplexity"] > 1
     assert record["run_info"]["config"]["rank"] == 4
+    launch = "accelerate launch --multi_gpu --num_processes 2 recipes/pretrain.py"  # not the single-process command
+    assert record["run_info"]["command"].startswith(launch)
 
 
 def test_accelerate_command_line(tmp_path):

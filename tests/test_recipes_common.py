@@ -40,7 +40,7 @@ def test_yaml_values_and_overrides_are_coerced(tmp_path):
     assert cfg.config_name == "minilm"  # "<model>_<mode>" stem without the mode
     assert cfg.run_name == "sst2--galore--minilm"
     assert cfg.output_dir == "outputs/sst2--galore--minilm"
-    assert "lr=2e-5" in cfg.command and str(path) in cfg.command
+    assert "lr=2e-5" in cfg.command and "--config minilm_galore.yaml" in cfg.command
 
 
 def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
@@ -236,3 +236,52 @@ def test_pretrain_records_a_failure_during_training(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())
     assert record["run_info"]["status"] == "error" and "CUDA out of memory" in record["run_info"]["error"]
+
+
+def test_results_and_command_store_no_absolute_paths(tmp_path):
+    """Paths under the repository are stored relative to it, others by their name: no machine's layout is kept."""
+    repo = Path(common.__file__).resolve().parents[1]
+    path = write_yaml(tmp_path, "recipe: glue\nmode: galore\n")
+    cfg = common.load_config(DemoConfig, path, [
+        f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}",
+        f"data_files.train={tmp_path / 'train.jsonl'}", f"model_name_or_path={repo / 'outputs' / 'ckpt'}",
+        "target_modules=[query,value]",
+    ])
+    assert cfg.results_dir == str(tmp_path / "results")  # the run itself uses the real paths
+    text = common.write_results(cfg, {"accuracy": 0.5}).read_text()
+    assert str(tmp_path) not in text and str(repo) not in text
+    run = json.loads(text)["run_info"]
+    config = run["config"]
+    assert (config["results_dir"], config["output_dir"], config["config_path"]) == ("results", "out", path.name)
+    assert config["data_files"] == {"train": "train.jsonl"} and config["model_name_or_path"] == "outputs/ckpt"
+    assert run["command"] == config["command"] == (
+        "accelerate launch recipes/glue.py --config minilm_galore.yaml results_dir=results output_dir=out "
+        "data_files.train=train.jsonl model_name_or_path=outputs/ckpt 'target_modules=[query,value]'")
+    assert common.portable_path("recipes/configs/glue/minilm_galore.yaml") == "recipes/configs/glue/minilm_galore.yaml"
+    assert common.portable_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_recipe_default_names_the_script_in_the_command():
+    @dataclass
+    class GlueLike(common.RecipeConfig):
+        recipe: str = "glue"
+
+    assert common.load_config(GlueLike, None, ["lr=1e-3"]).command == "accelerate launch recipes/glue.py lr=1e-3"
+
+
+@pytest.mark.parametrize("env, launch", [
+    ({}, "accelerate launch"),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, "torchrun --nproc_per_node 4"),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, "torchrun --nnodes 2 --nproc_per_node 4"),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "no"},
+     "accelerate launch --multi_gpu --num_processes 2"),
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "ACCELERATE_MIXED_PRECISION": "bf16",
+      "ACCELERATE_USE_FSDP": "true"}, "accelerate launch --use_fsdp --num_processes 16 --num_machines 2"),
+])
+def test_reproduce_command_records_the_multi_process_launch(env, launch, monkeypatch):
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cfg = common.load_config(DemoConfig, None, ["recipe=glue", "max_steps=5"])
+    assert cfg.command == f"{launch} recipes/glue.py recipe=glue max_steps=5"
