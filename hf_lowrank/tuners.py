@@ -152,34 +152,22 @@ class TunerModel(nn.Module):
         return []
 
     # --- optimizer ----------------------------------------------------------------------------------
-    def optimizer_cls_and_kwargs(self, lr: float = 1e-3, *, rank: int | None = None, update_proj_gap: int = 200,
-                                 scale: float = 0.25, proj_type: str = "std", projector: str = "svd",
-                                 weight_decay: float = 0.0, **optimizer_options) -> tuple[type, dict]:
-        """``(ProjectedOptimizer, kwargs)`` over the trainable parameters.
+    def optimizer_cls_and_kwargs(self, lr: float = 1e-3, *, rank: int | None = None, **options) -> tuple[type, dict]:
+        """``(ProjectedOptimizer, kwargs)`` over the trainable parameters, built by the library's one group builder
+        (:func:`hf_lowrank.optim.optimizer_cls_and_kwargs`). Pass it as ``Trainer(optimizer_cls_and_kwargs=...)``.
 
-        Pass it as ``Trainer(optimizer_cls_and_kwargs=...)``.
-
-        With `rank`, :meth:`projected_parameter_names` form a galore-torch-style group (``rank``,
-        ``update_proj_gap``, ``scale``, ``proj_type``), so their optimizer state is low-rank; every other
-        trainable parameter gets plain AdamW in the same optimizer. Without `rank` it is plain AdamW.
+        With `rank`, :meth:`projected_parameter_names` are projected (mode ``galore``; ``update_proj_gap``,
+        ``scale``, ``proj_type``, ``projector`` and every other option of that function apply, with the mode's
+        defaults); every other trainable parameter gets plain AdamW in the same optimizer. Without `rank`: AdamW.
         """
-        from .optim import ProjectedOptimizer
+        from .optim import optimizer_cls_and_kwargs
 
-        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if not trainable:
+        if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("The model has no trainable parameter: nothing for an optimizer to update.")
-        projected = set(self.projected_parameter_names()) if rank is not None else set()
-        groups = []
-        for is_projected in (False, True):
-            chosen = [(n, p) for n, p in trainable if (n in projected) == is_projected]
-            if not chosen:
-                continue
-            group = {"params": [p for _, p in chosen], "param_names": [n for n, _ in chosen]}
-            if is_projected:
-                group.update(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-                             projector=projector)
-            groups.append(group)
-        return ProjectedOptimizer, {"params": groups, "lr": lr, "weight_decay": weight_decay, **optimizer_options}
+        if rank is None:
+            return optimizer_cls_and_kwargs(self.model, "adamw", lr=lr, **options)
+        return optimizer_cls_and_kwargs(self.model, "galore", projected_parameters=self.projected_parameter_names(),
+                                        rank=rank, lr=lr, **options)
 
     def create_optimizer(self, lr: float = 1e-3, **kwargs):
         """The optimizer of :meth:`optimizer_cls_and_kwargs`, built: ``Trainer(optimizers=(opt, None))``."""

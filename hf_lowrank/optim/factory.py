@@ -4,8 +4,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from transformers.utils import logging
 
-from ..utils import find_target_linears
+from ..projectors import resolve_side
+from ..utils.targets import find_target_linears, linear_types
 from . import distributed as dist_driver
 from .inner import INNER_OPTION_DEFAULTS
 from .modes import get_mode
@@ -14,18 +16,24 @@ from .refresh import REFRESH_DEFAULTS
 from .sinks import attach_update_sink, update_sink_of
 
 
+logger = logging.get_logger(__name__)
+
 # Options that shape the projected group (everything else is an inner, optimizer-level or projector option).
 _GROUP_OPTIONS = ("rank", "density", "update_proj_gap", "scale", "residual_lr_scale",
                   *(k for k in REFRESH_DEFAULTS if k != "refresh"))
 _SPEC_OPTIONS = ("projector", "inner", "moment_policy", "residual", "refresh")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def projectable_module_types(model: nn.Module) -> tuple[type, ...]:
-    """``nn.Linear`` plus every module type in ``model`` whose ``weight`` has an update sink (a quantized linear,
-    e.g. Q-GaLore's), so ``target_modules`` (``'all-linear'`` too) matches them as linear layers."""
+    """The linear layer types (``nn.Linear``, ``Conv1D``) plus every module type in ``model`` whose ``weight`` has an
+    update sink (a quantized linear, e.g. Q-GaLore's), so ``target_modules`` (``'all-linear'`` too) matches them."""
     quantized = {type(m) for m in model.modules()
                  if isinstance(getattr(m, "weight", None), torch.Tensor) and update_sink_of(m.weight) is not None}
-    return (nn.Linear, *sorted(quantized, key=lambda t: t.__qualname__))
+    return (*linear_types(), *sorted(quantized, key=lambda t: t.__qualname__))
 
 
 def optimizer_cls_and_kwargs(
@@ -33,6 +41,7 @@ def optimizer_cls_and_kwargs(
     mode: str = "galore",
     *,
     target_modules="all-linear",
+    projected_parameters: list[str] | None = None,
     rank: int | None = None,
     update_proj_gap: int | None = None,
     scale: float | None = None,
@@ -46,6 +55,10 @@ def optimizer_cls_and_kwargs(
     """``(ProjectedOptimizer, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs include ``params``.
     With ``layerwise=True`` it returns :func:`optimizer_factory`'s ``(OptimizerFactory, kwargs)`` instead, which
     ``Trainer`` calls with the model (a class cannot build a layer-wise optimizer from parameters alone).
+
+    ``projected_parameters`` (parameter names) replaces ``target_modules`` for tuners whose projected tensors are
+    not module weights (WeLore's factors, GradNormLoRP's directions). A matrix whose projected dimension is at most
+    the rank gets the plain update instead (logged once): projecting it saves nothing and its projector costs extra.
 
     ``rank``/``update_proj_gap``/``scale`` left as ``None`` take the mode's defaults (GaLore modes: 128 / 200 / 0.25;
     ``frugal``: ``density`` 0.25 / 200 / 1.0). ``mode_options`` override the mode's parts (``projector``, ``inner``,
@@ -89,6 +102,11 @@ def optimizer_cls_and_kwargs(
     groups = []
     if parts["projector"] is None:
         groups.append({"params": [p for _, p in trainable], "param_names": [n for n, _ in trainable]})
+    elif projected_parameters is not None:
+        unknown = sorted(set(projected_parameters) - {n for n, _ in trainable})
+        if unknown:
+            raise ValueError(f"`projected_parameters` names no trainable parameter: {unknown[:5]}.")
+        projected_ids = {id(p) for n, p in trainable if n in set(projected_parameters) and p.dim() == 2}
     else:
         targets = find_target_linears(model, target_modules, module_types=projectable_module_types(model))
         if spec.quantized_weights and not any(update_sink_of(m.weight) is not None for _, m in targets):
@@ -103,16 +121,23 @@ def optimizer_cls_and_kwargs(
         projected_ids = {id(m.weight) for _, m in targets if m.weight.requires_grad and m.weight.dim() == 2}
         if not projected_ids:
             raise ValueError(
-                f"`target_modules`={target_modules!r} matched {len(targets)} nn.Linear module(s) but none has a "
+                f"`target_modules`={target_modules!r} matched {len(targets)} linear module(s) but none has a "
                 "trainable 2-D weight (frozen?). Unfreeze them or target other modules."
             )
+    if parts["projector"] is not None:
+        group_rank = group_options.get("rank", PROJECTION_DEFAULTS["rank"])
+        full = [n for n, p in trainable if id(p) in projected_ids and _is_int(group_rank)
+                and group_rank >= p.shape[0 if resolve_side(tuple(p.shape), proj_type) == "left" else 1]]
+        if full:
+            logger.warning(f"rank {group_rank} is at least the projected dimension of {len(full)} matri"
+                           f"{'x' if len(full) == 1 else 'ces'} ({', '.join(full[:4])}{', ...' if len(full) > 4 else ''}): "
+                           "they get the plain update (projecting them would cost more state than AdamW).")
+            projected_ids -= {id(p) for n, p in trainable if n in set(full)}
         plain = [(n, p) for n, p in trainable if id(p) not in projected_ids]
         projected = [(n, p) for n, p in trainable if id(p) in projected_ids]
         if plain:
             groups.append({"params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
-        groups.append({
-            "params": [p for _, p in projected],
-            "param_names": [n for n, _ in projected],
+        projection = {
             **{k: v for k, v in PROJECTION_DEFAULTS.items() if k in ("rank", "density", "update_proj_gap", "scale")},
             **group_options,
             "proj_type": proj_type,
@@ -121,10 +146,14 @@ def optimizer_cls_and_kwargs(
             "moment_policy": parts["moment_policy"],
             "residual": parts["residual"],
             "refresh": parts["refresh"],
-        })
+        }
+        if projected:
+            groups.append({"params": [p for _, p in projected], "param_names": [n for n, _ in projected], **projection})
     kwargs = {"params": groups, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
               "inner": parts["inner"], "nonfinite": nonfinite, "distributed": distributed,
               **inner_options}
+    if parts["projector"] is not None and not projected:  # the values are still checked, on a stand-in matrix
+        ProjectedOptimizer(**{**kwargs, "params": [{"params": [torch.empty(2, 2, device="meta")], **projection}]})
     return ProjectedOptimizer, kwargs
 
 
@@ -167,7 +196,7 @@ def optimizer_factory(mode: str = "galore", **options: Any) -> tuple[type, dict]
     the mode and option names are checked now, the target modules when ``Trainer`` builds it."""
     probe = {k: v for k, v in options.items() if k not in ("layerwise", "gradient_accumulation_steps",
                                                              "target_modules")}
-    probe_model = nn.Linear(2, 2)
+    probe_model = nn.Linear(2, 2, device="meta")
     if get_mode(mode).quantized_weights:  # the probe stands in for a quantized linear; it is never stepped
         attach_update_sink(probe_model.weight, probe_model)
     optimizer_cls_and_kwargs(probe_model, mode, target_modules=[""], **probe)  # names and values
