@@ -72,21 +72,22 @@ def get_mode(name: str) -> ModeSpec:
     return _MODES[name]
 
 
-_GALORE = {"rank": 128, "update_proj_gap": 200, "scale": 0.25}
+# GaLore's pre-training defaults: the one place they are written (ProjectedOptimizer's group defaults too).
+GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25}
 
 for _name, _spec in {
     "adamw": ModeSpec(None, description="Full-rank AdamW (baseline, same update formula as GaLore's)."),
     "adamw_8bit": ModeSpec(None, inner="adamw8bit", description="Full-rank AdamW with 8-bit block-wise state."),
-    "galore": ModeSpec("svd", defaults=_GALORE, description="GaLore: exact SVD subspace, AdamW (Zhao et al. 2024)."),
-    "galore_8bit": ModeSpec("svd", inner="adamw8bit", defaults=_GALORE, description="GaLore with 8-bit AdamW state."),
-    "galore_adafactor": ModeSpec("svd", inner="adafactor", defaults=_GALORE, description="GaLore with Adafactor."),
-    "galore_randomized": ModeSpec("randomized", defaults=_GALORE, description="GaLore, randomized SVD (GaLore 2)."),
-    "galore_dct": ModeSpec("dct", defaults=_GALORE, description="SVD-free DCT column selection (Modoranu et al.)."),
-    "galore_dct_8bit": ModeSpec("dct", inner="adamw8bit", defaults=_GALORE, description="DCT basis + 8-bit state."),
-    "galore_random": ModeSpec("random", defaults=_GALORE, description="Seeded random orthonormal subspace."),
+    "galore": ModeSpec("svd", defaults=GALORE_DEFAULTS, description="GaLore: exact SVD subspace, AdamW (Zhao et al. 2024)."),
+    "galore_8bit": ModeSpec("svd", inner="adamw8bit", defaults=GALORE_DEFAULTS, description="GaLore with 8-bit AdamW state."),
+    "galore_adafactor": ModeSpec("svd", inner="adafactor", defaults=GALORE_DEFAULTS, description="GaLore with Adafactor."),
+    "galore_randomized": ModeSpec("randomized", defaults=GALORE_DEFAULTS, description="GaLore, randomized SVD (GaLore 2)."),
+    "galore_dct": ModeSpec("dct", defaults=GALORE_DEFAULTS, description="SVD-free DCT column selection (Modoranu et al.)."),
+    "galore_dct_8bit": ModeSpec("dct", inner="adamw8bit", defaults=GALORE_DEFAULTS, description="DCT basis + 8-bit state."),
+    "galore_random": ModeSpec("random", defaults=GALORE_DEFAULTS, description="Seeded random orthonormal subspace."),
     "q_galore": ModeSpec(
         "svd", inner="adamw8bit", refresh="lazy", quantized_weights=True,
-        defaults={**_GALORE, "quant_bits": 4, "quant_group_size": 256},
+        defaults={**GALORE_DEFAULTS, "quant_bits": 4, "quant_group_size": 256},
         description="Q-GaLore: INT8 weights (stochastic rounding), INT4 SVD projectors, 8-bit AdamW, lazy "
                     "layer-adaptive refresh (Zhang et al. 2024); prepare_model_for_qgalore first.",
     ),

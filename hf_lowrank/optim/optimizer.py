@@ -29,17 +29,15 @@ from ..projectors import PROJ_TYPES, PROJECTORS, SVDProjector, get_projector, re
 from . import distributed as dist_driver
 from . import refresh as refresh_policy
 from .inner import INNER_OPTION_DEFAULTS, get_inner
-from .modes import MOMENT_POLICIES, RESIDUALS
+from .modes import GALORE_DEFAULTS, MOMENT_POLICIES, RESIDUALS
 from .sinks import update_sink_of
 
 
 logger = logging.get_logger(__name__)
 
 PROJECTION_DEFAULTS = {
-    "rank": 128,
+    **GALORE_DEFAULTS,
     "density": None,
-    "update_proj_gap": 200,
-    "scale": 0.25,
     "proj_type": "std",
     "projector": "svd",
     "projector_options": {},
