@@ -29,6 +29,11 @@ logger = logging.get_logger(__name__)
 TEMPLATE_PACKAGE = "hf_lowrank"
 TEMPLATE_FILE = ("templates", "model_card.md")
 RESULTS_FILE = "hf_lowrank_results.json"
+# Card metadata `license` when none is given: the licence of the hf_lowrank code that produced the weights.
+DEFAULT_LICENSE = "apache-2.0"
+# A recipe run with fewer optimizer steps than this is a smoke run (it checks that the pipeline works); its card
+# says so.
+SMOKE_RUN_STEPS = 100
 FRAMEWORK_PACKAGES = ("hf_lowrank", "torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub",
                       "bitsandbytes", "safetensors")
 _BLOCK = re.compile(r"<!-- hf_lowrank:begin -->.*<!-- hf_lowrank:end -->", re.S)
@@ -126,11 +131,18 @@ def _load_results(results: Union[dict, str, Path]) -> dict:
 
 
 def hub_base_model(name: Optional[str]) -> Optional[str]:
-    """The Hub id to put in a card's ``base_model``: offline aliases mapped, local folders and non-ids dropped."""
+    """The Hub id to put in a card's ``base_model``: offline aliases mapped; local folders (existing ones, and
+    ``./``-relative ones as results record them) and anything but a ``namespace/name`` repo id dropped."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not name or Path(name).exists():
         return None
     name = KNOWN_BASE_MODELS.get(name, name)
-    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name if "/" in name else None
 
 
 def _fmt_metric(value) -> str:
@@ -142,17 +154,22 @@ def _mb(n) -> str:
 
 
 def card_data(results: dict, repo_id: Optional[str] = None, license: Optional[str] = None):
-    """ModelCardData (base model, datasets, eval results, tags) from a results record."""
+    """ModelCardData (base model, datasets, eval results, tags, license) from a results record.
+
+    ``datasets`` is the Hub dataset the run recorded (``dataset_name``) or the recipe's (GLUE, MMLU), else the
+    recorded task name; ``license`` defaults to :data:`DEFAULT_LICENSE`.
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     run, info = results["run_info"], results["train_info"]
     config = run.get("config", {})
     task_type, pipeline_tag, dataset_id = RECIPE_TASKS.get(run["recipe"], ("other", None, None))
     dataset_id = config.get("dataset_name") or dataset_id
+    dataset = dataset_id or run["task"]
     dataset_name = f"{run['recipe'].upper()} {run['task']}" if run["recipe"] != "pretrain" else run["task"]
     eval_results = [
         EvalResult(
-            task_type=task_type, dataset_type=dataset_id or run["task"], dataset_name=dataset_name,
+            task_type=task_type, dataset_type=dataset, dataset_name=dataset_name,
             dataset_config=run["task"] if dataset_id else None, dataset_split=config.get("eval_split", "validation"),
             metric_type=name, metric_value=value,
         )
@@ -163,18 +180,19 @@ def card_data(results: dict, repo_id: Optional[str] = None, license: Optional[st
     return ModelCardData(
         model_name=repo_id or run["run_name"],
         base_model=hub_base_model(config.get("model_name_or_path")),
-        datasets=[dataset_id] if dataset_id else None,
+        datasets=[dataset],
         eval_results=eval_results or None,
         library_name="peft" if run["mode"] == "lora" else "transformers",
         pipeline_tag=pipeline_tag,
-        license=license,
+        license=license or DEFAULT_LICENSE,
         tags=sorted({"hf_lowrank", run["mode"], method.name.split()[0].lower(), run["recipe"]}),
     )
 
 
 # Optional template sections of render_card and their empty values.
-_SECTIONS = {"mode": None, "base_model": None, "task_description": None, "details": (), "hyperparameters": (),
-             "metrics": (), "resources": (), "usage": None, "command": None, "versions": None, "git_sha": None}
+_SECTIONS = {"mode": None, "base_model": None, "task_description": None, "notice": None, "details": (),
+             "hyperparameters": (), "metrics": (), "resources": (), "limitations": (), "usage": None, "command": None,
+             "versions": None, "git_sha": None}
 
 
 def render_card(
@@ -189,10 +207,11 @@ def render_card(
     """The one model-card renderer (recipe results and tuners alike).
 
     `data` (a ``ModelCardData``) becomes the YAML header; `title`, `summary`, `method` and the optional `sections`
-    (``mode``, ``task_description``, ``details`` (markdown lines), ``hyperparameters``/``metrics``/``resources``
-    ((name, value) rows), ``usage`` (Python), ``command`` (shell), ``versions`` (default: the installed ones),
+    (``mode``, ``task_description``, ``notice`` (a warning under the summary), ``details`` and ``limitations``
+    (markdown lines), ``hyperparameters``/``metrics``/``resources`` ((name, value) rows), ``usage`` (Python),
+    ``command`` (shell, run from a clone of the repository), ``versions`` (default: the installed ones),
     ``git_sha``) fill the template shipped in the package, or the one at `template_path`. Sections left out are
-    omitted from the card.
+    omitted from the card; every card has an "Intended uses & limitations" section.
     """
     from huggingface_hub import ModelCard
 
@@ -233,6 +252,21 @@ def render_model_card(
     config = run.get("config", {})
     data = card_data(results, repo_id, license)
     method = method_for(run["mode"])
+    dataset = data.datasets[0]
+    steps = info.get("steps")
+    notice = None
+    if config.get("do_train") is False:
+        notice = "**Evaluation only:** this run trained nothing; the metrics are those of the weights it was given."
+    elif isinstance(steps, int) and steps < SMOKE_RUN_STEPS:
+        notice = (f"**Smoke run:** {steps} optimizer steps (a run of fewer than {SMOKE_RUN_STEPS} steps is a smoke "
+                  "run): it checks that the pipeline works; its weights and metrics are not a trained result.")
+    licence_source = ("given for this card" if license else
+                      "the default, the licence of the hf_lowrank code; pass `license=` / `--license` to change it")
+    seed = f" (seed {config['seed']})" if "seed" in config else ""
+    limitations = [
+        f"Metrics come from a single run{seed} on the evaluation data named above.",
+        f"`license: {data.license}` ({licence_source}); the base model and the data keep their own licences.",
+    ]
     hyper_keys = ("lr", "rank", "scale", "update_proj_gap", "proj_type", "lora_r", "lora_alpha", "target_modules",
                   "max_steps", "num_train_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length",
                   "lr_scheduler_type", "warmup_ratio", "weight_decay", "seed")
@@ -264,10 +298,12 @@ def render_model_card(
         method=method,
         template_path=template_path,
         mode=run["mode"],
-        task_description=f"{run['recipe']} / {run['task']}" + (f" ({data.datasets[0]})" if data.datasets else ""),
+        task_description=f"{run['recipe']} / {run['task']}" + (f" ({dataset})" if dataset != run["task"] else ""),
+        notice=notice,
         hyperparameters=hyper,
         metrics=[(k, _fmt_metric(v)) for k, v in sorted(info.get("metrics", {}).items())],
         resources=resources_,
+        limitations=limitations,
         command=run.get("command") or "",
         versions=meta.get("versions", {}),
         git_sha=meta.get("git_sha"),
@@ -293,11 +329,10 @@ def validate_card(card) -> None:
         raise ValueError("Model card text still contains Jinja placeholders.")
 
 
-def _merge_into_existing(path: Path, card):
-    """Update an existing README.md: our metadata keys and our marked block; everything else is kept."""
+def _merge_into_existing(existing, card):
+    """Update an existing README.md card: our metadata keys and our marked block; everything else is kept."""
     from huggingface_hub import ModelCard
 
-    existing = ModelCard.load(path)
     ours = card.data.to_dict()
     merged = {**existing.data.to_dict(), **{k: v for k, v in ours.items() if v is not None}}
     merged["tags"] = sorted(set(existing.data.to_dict().get("tags") or []) | set(ours.get("tags") or []))
@@ -321,7 +356,8 @@ def save_pretrained(
     license: Optional[str] = None,
 ) -> Path:
     """Save weights as safetensors (PEFT models save their adapter; Q-GaLore models their dequantized weights, so
-    ``from_pretrained`` loads them without hf_lowrank), the tokenizer, the results JSON and README.md."""
+    ``from_pretrained`` loads them without hf_lowrank), the tokenizer, the results JSON and README.md (an existing
+    README.md keeps its text and, unless `license` is given, its licence)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if getattr(model, "qgalore_config", None) is not None:
@@ -333,12 +369,16 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     if results is not None:
+        from huggingface_hub import ModelCard
+
         record = _load_results(results)
         (output_dir / RESULTS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        card = render_model_card(output_dir / RESULTS_FILE, repo_id=repo_id, license=license)
         readme = output_dir / "README.md"
-        if readme.is_file():
-            card = _merge_into_existing(readme, card)
+        existing = ModelCard.load(readme) if readme.is_file() else None
+        license = license or (existing.data.license if existing else None)
+        card = render_model_card(output_dir / RESULTS_FILE, repo_id=repo_id, license=license)
+        if existing is not None:
+            card = _merge_into_existing(existing, card)
         validate_card(card)
         card.save(readme)
     logger.info(f"Saved model to {output_dir}")

@@ -289,12 +289,13 @@ def load_config(config_cls, path: Optional[str] = None, overrides: tuple[str, ..
 
 
 def portable_path(value: str) -> str:
-    """`value` as results and cards store it: an absolute path becomes relative to the repository, or its bare name
-    when it lies outside; anything else (relative paths, Hub ids) is unchanged. No machine's layout is recorded."""
+    """`value` as results and cards store it, without the machine's directory layout: an absolute path inside the
+    repository becomes ``./<path from the repository root>`` (the ``./`` keeps a local folder from reading as a Hub
+    id), one outside it its bare name; anything else (relative paths, Hub ids) is unchanged."""
     if not os.path.isabs(value):
         return value
     path = Path(value)
-    return path.relative_to(REPO_DIR).as_posix() if path.is_relative_to(REPO_DIR) else path.name
+    return f"./{path.relative_to(REPO_DIR).as_posix()}" if path.is_relative_to(REPO_DIR) else path.name
 
 
 def portable(value):

@@ -25,7 +25,7 @@ def test_train_runs_the_recipe_named_in_the_yaml(tmp_path):
     assert record["train_info"]["steps"] == 3 and record["run_info"]["config"]["rank"] == 4
     assert record["meta_info"]["system"]["world_size"] == 1
     assert record["run_info"]["command"].startswith(
-        "accelerate launch recipes/pretrain.py --config recipes/configs/pretrain/tiny_galore.yaml "
+        "accelerate launch recipes/pretrain.py --config ./recipes/configs/pretrain/tiny_galore.yaml "
         f"results_dir={tmp_path.name} max_steps=3")
     text = (tmp_path / "tinyshakespeare--galore--tiny.json").read_text()
     assert str(tmp_path) not in text and str(ROOT) not in text

