@@ -84,6 +84,7 @@ def optimizer_cls_and_kwargs(
     parts = {key: options.pop(key, getattr(spec, key)) for key in _SPEC_OPTIONS}
     nonfinite = options.pop("nonfinite", None)
     distributed = options.pop("distributed", "auto")
+    adopt_saved_settings = options.pop("adopt_saved_settings", False)
     inner_options = {k: options.pop(k) for k in list(options) if k in INNER_OPTION_DEFAULTS}
     group_options = {k: options.pop(k) for k in list(options) if k in _GROUP_OPTIONS}
     if "density" in group_options and "rank" not in given and "rank" not in mode_options:
@@ -93,7 +94,7 @@ def optimizer_cls_and_kwargs(
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             valid = sorted(set(_GROUP_OPTIONS) | set(_SPEC_OPTIONS) | set(INNER_OPTION_DEFAULTS) | set(allowed))
-            raise ValueError(f"Unknown option(s) {unknown} for mode {mode!r}. Valid options: {valid} (and nonfinite, distributed).")
+            raise ValueError(f"Unknown option(s) {unknown} for mode {mode!r}. Valid options: {valid} (and nonfinite, distributed, adopt_saved_settings).")
     elif options:
         valid = sorted(set(_SPEC_OPTIONS) | set(INNER_OPTION_DEFAULTS))
         raise ValueError(f"Unknown option(s) {sorted(options)} for mode {mode!r} (no projection). Valid: {valid}.")
@@ -151,7 +152,7 @@ def optimizer_cls_and_kwargs(
             groups.append({"params": [p for _, p in projected], "param_names": [n for n, _ in projected], **projection})
     kwargs = {"params": groups, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
               "inner": parts["inner"], "nonfinite": nonfinite, "distributed": distributed,
-              **inner_options}
+              "adopt_saved_settings": adopt_saved_settings, **inner_options}
     if parts["projector"] is not None and not projected:  # the values are still checked, on a stand-in matrix
         ProjectedOptimizer(**{**kwargs, "params": [{"params": [torch.empty(2, 2, device="meta")], **projection}]})
     return ProjectedOptimizer, kwargs

@@ -46,6 +46,10 @@ PROJECTION_DEFAULTS = {
     "residual_lr_scale": 1.0,
     **refresh_policy.REFRESH_DEFAULTS,
 }
+# Group settings that define what the optimizer does and what its state means: a checkpoint saved with other values
+# is refused unless the caller opts in to adopting them (torch would silently replace the requested ones).
+PLAIN_SETTINGS_KEYS = ("inner", *INNER_OPTION_DEFAULTS)
+SETTINGS_KEYS = (*PLAIN_SETTINGS_KEYS, *PROJECTION_DEFAULTS)
 NONFINITE_POLICIES = ("skip_step", "skip_param", "raise")
 DISTRIBUTED_POLICIES = ("auto", "off")
 # Inner optimizers whose state is elementwise, so a row shard of it is the state of the row shard (FSDP2).
@@ -140,12 +144,16 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             data-parallel replicas (DDP) whose refreshes run on one owner rank and are broadcast, and DTensor
             parameters are FSDP2 row shards. 'off': every rank refreshes from its own gradient (DTensors still
             need 'auto').
+        adopt_saved_settings: by default ``load_state_dict`` refuses a checkpoint whose groups were saved with other
+            settings (mode parts, rank, gap, scale, projector options, inner optimizer), naming them; True continues
+            with the saved settings instead (torch's own behaviour).
         **inner_options: inner-specific defaults (``min_8bit_size``, ``block_size``, ``beta1``, ``decay_rate``,
             ``clip_threshold``, ``adafactor_eps``).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 inner: str = "adamw", nonfinite: str | None = None, distributed: str = "auto", **inner_options):
+                 inner: str = "adamw", nonfinite: str | None = None, distributed: str = "auto",
+                 adopt_saved_settings: bool = False, **inner_options):
         unknown = sorted(set(inner_options) - set(INNER_OPTION_DEFAULTS))
         if unknown:
             raise TypeError(f"ProjectedOptimizer got unknown option(s) {unknown}; inner options are "
@@ -156,6 +164,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"`distributed`={distributed!r}; use one of {list(DISTRIBUTED_POLICIES)}.")
         self.nonfinite = nonfinite
         self.distributed = distributed
+        self.adopt_saved_settings = adopt_saved_settings
         self.comm = dist_driver.CommStats()
         self._projectors: dict[torch.Tensor, object] = {}
         self._layouts: dict[torch.Tensor, dist_driver.Layout] = {}
@@ -563,6 +572,31 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         return repr(names[index]) if names else f"parameter #{index} (shape {tuple(p.shape)}) of its group"
 
     # --- state ----------------------------------------------------------------------------------------
+    def _check_saved_settings(self, saved_groups) -> None:
+        def kind(groups):
+            return [("projected" if "rank" in g else "plain") + f" ({len(g['params'])} params)" for g in groups]
+
+        if len(saved_groups) != len(self.param_groups) or any(
+                ("rank" in saved) != ("rank" in group) for saved, group in zip(saved_groups, self.param_groups)):
+            raise ValueError(
+                f"This checkpoint's parameter groups {kind(saved_groups)} do not match this optimizer's "
+                f"{kind(self.param_groups)}: it was saved with another mode or other target_modules. Build the "
+                "optimizer as it was built for the checkpoint (same mode, target_modules and rank).")
+        if self.adopt_saved_settings:
+            return
+        differences = []
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            keys = SETTINGS_KEYS if "rank" in group else PLAIN_SETTINGS_KEYS
+            for key in keys:
+                default = PROJECTION_DEFAULTS.get(key, self.defaults.get(key))
+                if saved.get(key, default) != group.get(key, default):
+                    differences.append(f"group {index} {key}: saved {saved.get(key, default)!r}, "
+                                       f"requested {group.get(key, default)!r}")
+        if differences:
+            raise ValueError("The checkpoint was saved with other optimizer settings: " + "; ".join(differences)
+                             + ". Build the optimizer with the saved settings, or pass adopt_saved_settings=True "
+                             "(create_optimizer / ProjectedOptimizer) to continue with them.")
+
     @torch.no_grad()
     def init_state(self) -> None:
         """Allocate every parameter's state as its first step would, without stepping or needing gradients.
@@ -616,8 +650,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """Like torch's, but every state tensor keeps its saved dtype (8-bit codes, fp32 bases and moments stay
         as they were) and moves to its parameter's device; projectors are rebuilt from their saved tensors.
         Under FSDP2, DTensor entries become local shards and full (consolidated) entries are cut to this rank's
-        rows, so a single-process checkpoint resumes sharded and vice versa."""
+        rows, so a single-process checkpoint resumes sharded and vice versa. Settings that differ from the saved
+        ones raise (see ``adopt_saved_settings``)."""
+        self._check_saved_settings(state_dict["param_groups"])
         super().load_state_dict({**state_dict, "state": {}})
+        for group in self.param_groups:  # a checkpoint from an older version lacks the newer keys
+            for key, value in PROJECTION_DEFAULTS.items() if "rank" in group else ():
+                group.setdefault(key, dict(value) if isinstance(value, dict) else value)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         groups = [g for g in self.param_groups for _ in g["params"]]
