@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("card", help="render a model card from a results JSON or a saved output folder")
     p.add_argument("results", help="results/<task>--<mode>--<config>.json or an output folder")
     p.add_argument("--repo-id")
-    p.add_argument("--license")
+    p.add_argument("--license", help="card metadata licence (default: apache-2.0, the licence of the hf_lowrank code)")
     p.add_argument("--output", help="write the card here instead of printing it")
     p.add_argument("--push", action="store_true", help="upload the output folder to --repo-id")
     sub.add_parser("env", help="versions, devices, threads, modes")
