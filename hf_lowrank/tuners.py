@@ -182,11 +182,17 @@ class TunerModel(nn.Module):
             "trainable": sum(p.numel() for p in params if p.requires_grad),
         }
 
-    def save_pretrained(self, save_directory: str, repo_id: str | None = None, **_ignored) -> None:
+    def save_pretrained(self, save_directory: str, repo_id: str | None = None, *, state_dict: dict | None = None,
+                        is_main_process: bool = True, safe_serialization: bool = True) -> None:
         """Write ``hf_lowrank_config.json``, ``model.safetensors`` (tuner tensors only) and ``README.md`` (its card
-        names `repo_id` when given)."""
+        names `repo_id` when given). ``state_dict`` / ``is_main_process`` are what ``Trainer`` passes (a state dict
+        gathered under FSDP / DeepSpeed, and whether this rank writes): the tuner tensors are taken from it."""
         from hf_lowrank import __version__
 
+        if not safe_serialization:
+            raise ValueError("Tuners save safetensors only; drop `safe_serialization=False`.")
+        if not is_main_process:
+            return
         os.makedirs(save_directory, exist_ok=True)
         payload = {
             "method": self.method,
@@ -197,7 +203,10 @@ class TunerModel(nn.Module):
         }
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(payload, f, indent=2, sort_keys=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tuner_state_dict().items()}
+        own = self.tuner_state_dict()
+        if state_dict is not None:  # keyed by this wrapper's names ("model." + the wrapped model's names)
+            own = {k: state_dict.get(f"model.{k}", state_dict.get(k, v)) for k, v in own.items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in own.items()}
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
         self.model_card(repo_id).save(os.path.join(save_directory, "README.md"))
 

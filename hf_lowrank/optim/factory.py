@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging
 
-from ..projectors import resolve_side
+from ..projectors import projector_option_names, resolve_side
 from ..utils.targets import find_target_linears, linear_types
 from . import distributed as dist_driver
 from .inner import INNER_OPTION_DEFAULTS
 from .modes import get_mode
-from .optimizer import PROJECTION_DEFAULTS, ProjectedOptimizer, projector_option_names
+from .optimizer import PROJECTION_DEFAULTS, ProjectedOptimizer, _is_int
 from .refresh import REFRESH_DEFAULTS
 from .sinks import attach_update_sink, update_sink_of
 
@@ -22,10 +22,6 @@ logger = logging.get_logger(__name__)
 _GROUP_OPTIONS = ("rank", "density", "update_proj_gap", "scale", "residual_lr_scale",
                   *(k for k in REFRESH_DEFAULTS if k != "refresh"))
 _SPEC_OPTIONS = ("projector", "inner", "moment_policy", "residual", "refresh")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def projectable_module_types(model: nn.Module) -> tuple[type, ...]:

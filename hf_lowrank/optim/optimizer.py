@@ -20,12 +20,11 @@ full gradient gathered on the owner. Non-finite gradients are detected and skipp
 outside refresh steps).
 """
 from functools import partial
-import inspect
 
 import torch
 from transformers.utils import logging
 
-from ..projectors import PROJ_TYPES, PROJECTORS, SVDProjector, get_projector, resolve_side
+from ..projectors import PROJ_TYPES, PROJECTORS, SVDProjector, get_projector, projector_option_names, resolve_side
 from . import distributed as dist_driver
 from . import refresh as refresh_policy
 from .inner import INNER_OPTION_DEFAULTS, get_inner
@@ -54,23 +53,26 @@ NONFINITE_POLICIES = ("skip_step", "skip_param", "raise")
 DISTRIBUTED_POLICIES = ("auto", "off")
 # Inner optimizers whose state is elementwise, so a row shard of it is the state of the row shard (FSDP2).
 _SHARDABLE_INNERS = ("adamw",)
-_GET_PROJECTOR_OPTIONS = ("quant_bits", "quant_group_size")
-
-
-def projector_option_names(projector: str) -> list[str]:
-    """Options accepted by projector ``projector`` (its constructor keywords plus storage quantization)."""
-    params = list(inspect.signature(PROJECTORS[projector].__init__).parameters)[4:]  # self, shape, rank, proj_type
-    return sorted(params + list(_GET_PROJECTOR_OPTIONS))
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _validate_group(group: dict) -> None:
     inner = get_inner(group["inner"])
     if inner.name == "adamw8bit":
         inner._functional()  # ImportError naming the [bnb] extra when bitsandbytes is missing
+    for key in ("lr", "weight_decay", "eps"):
+        if not (_is_number(group[key]) or (key == "lr" and isinstance(group[key], torch.Tensor))):
+            raise TypeError(f"`{key}` must be a number, got {type(group[key]).__name__} {group[key]!r}"
+                            f"{' (write it without quotes, e.g. 1e-3)' if isinstance(group[key], str) else ''}.")
+    if not isinstance(group["betas"], (tuple, list)) or not all(_is_number(b) for b in group["betas"]):
+        raise TypeError(f"`betas` must be two numbers, e.g. (0.9, 0.999); got {group['betas']!r}.")
     if group["lr"] < 0:
         raise ValueError(f"`lr` must be >= 0, got {group['lr']}.")
     if group["weight_decay"] < 0:
