@@ -55,6 +55,29 @@ class LayerwiseGradNormCallback(TrainerCallback):
             state.log_history[-1]["grad_norm"] = grad_norm
 
 
+def attach_to_calling_trainer(layerwise, max_frames: int = 8) -> None:
+    """Find the ``transformers.Trainer`` whose training loop calls ``layerwise.step()`` (a few frames up: Trainer
+    never hands its arguments to the optimizer) and give it a :class:`LayerwiseGradNormCallback` if it has none, so
+    ``max_grad_norm > 0`` and fp16 are refused and the true grad_norm is logged whether or not the user added
+    the callback. Outside a Trainer it does nothing."""
+    import sys
+
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(max_frames):
+        if frame is None:
+            return
+        trainer = frame.f_locals.get("self")
+        if isinstance(trainer, Trainer):
+            if not any(isinstance(c, LayerwiseGradNormCallback) for c in trainer.callback_handler.callbacks):
+                callback = LayerwiseGradNormCallback()
+                callback.on_train_begin(trainer.args, trainer.state, trainer.control, optimizer=layerwise)
+                trainer.callback_handler.callbacks.insert(0, callback)
+            return
+        frame = frame.f_back
+
+
 def find_projected_optimizer(optimizer):
     """The ProjectedOptimizer inside ``optimizer`` (through accelerate's / layer-wise wrappers), or None."""
     return find_optimizer(optimizer, lambda o: isinstance(o, ProjectedOptimizer))

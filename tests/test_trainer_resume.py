@@ -193,3 +193,26 @@ def test_callback_refuses_global_clipping_and_fp16(tmp_path):
         layerwise.remove_hooks()
     stepped = create_optimizer(model, "galore", **mode_options("galore"))
     callback.on_train_begin(types.SimpleNamespace(max_grad_norm=1.0, fp16=True), None, None, optimizer=stepped)
+
+
+def test_layerwise_without_the_callback_still_refuses_clipping_and_logs_the_true_grad_norm(tmp_path, full_runs):
+    """The guard does not depend on the user adding LayerwiseGradNormCallback."""
+    from transformers import Trainer, TrainingArguments
+
+    def run(max_grad_norm):
+        model = make_tiny_llama()
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, max_grad_norm=max_grad_norm, logging_steps=1, report_to=[],
+                                 use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+        optimizer = create_optimizer(model, "galore", layerwise=True, **mode_options("galore"))
+        trainer = Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(optimizer, None))
+        try:
+            trainer.train()
+        finally:
+            optimizer.remove_hooks()
+        return [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+
+    with pytest.raises(ValueError, match="max_grad_norm=1.0 cannot be applied with layer-wise updates"):
+        run(1.0)
+    _, stepped = full_runs("galore", False)
+    assert run(0.0) == pytest.approx([e["grad_norm"] for e in stepped], rel=1e-5)

@@ -100,6 +100,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._param_names = {param: name for name, param in model.named_parameters()}
         self._hooks = []
         self._hooked_params = set()
+        self._trainer_checked = False  # step() looks for a calling Trainer once
         self._group_index = {}
         self._backward_counts = {}
         self._ddp = None
@@ -286,7 +287,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return self._last_grad_norm_sq.sqrt().item()
 
     def step(self, closure=None):
-        """No update happens here (the hooks did it); closes the step's gradient-norm record."""
+        """No update happens here (the hooks did it); closes the step's gradient-norm record. Under ``Trainer``,
+        the first call makes sure its layer-wise checks and grad_norm logging are active (see
+        :func:`hf_lowrank.callbacks.attach_to_calling_trainer`)."""
+        if not self._trainer_checked:
+            from ..callbacks import attach_to_calling_trainer
+
+            self._trainer_checked = True
+            attach_to_calling_trainer(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
