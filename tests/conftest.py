@@ -14,6 +14,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every available device: device-sensitive tests (marked ``device``) also run on CUDA when one is present."""
+    return torch.device(request.param)
+
 
 def prepare_for_mode(model, mode):
     """Modes that train quantized weights (``q_galore``) need a prepared model; groups of 64 fit the tiny models."""

@@ -120,9 +120,9 @@ def test_representation_rows_linear_tokens_and_conv_im2col():
     with RepresentationRecorder([("lin", lin), ("conv", conv)]) as rec:
         lin(tokens)
         conv(images)
-    flat = tokens.reshape(10, 6).double()
+    flat = tokens.reshape(10, 6).float()
     torch.testing.assert_close(rec.covariances["lin"], flat.T @ flat)
-    patches = nn.functional.unfold(images, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18).double()
+    patches = nn.functional.unfold(images, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18).float()
     torch.testing.assert_close(rec.covariances["conv"], patches.T @ patches)
     # im2col rows reproduce the convolution: they are what the (out x C·k·k) weight multiplies
     out = (patches.float() @ conv.weight.reshape(3, -1).T + conv.bias).reshape(2, 9, 3).transpose(1, 2)

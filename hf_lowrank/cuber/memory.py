@@ -60,7 +60,8 @@ def weight_matrix(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class RepresentationRecorder:
-    """Context manager accumulating ``Rᵀ R`` (float64) of each layer's inputs over the forward passes inside it."""
+    """Context manager accumulating ``Rᵀ R`` (float32, on the layer's device) of each layer's inputs over the forward
+    passes inside it."""
 
     def __init__(self, layers: list[tuple[str, nn.Module]]):
         self.layers = layers
@@ -69,7 +70,7 @@ class RepresentationRecorder:
 
     def _hook(self, name):
         def record(module, args, _output):
-            rows = layer_input_rows(module, args[0].detach()).double()
+            rows = layer_input_rows(module, args[0].detach()).float()
             cov = rows.T @ rows
             self.covariances[name] = cov if name not in self.covariances else self.covariances[name] + cov
         return record
@@ -115,7 +116,7 @@ def extend_basis(basis: torch.Tensor, cov: torch.Tensor, threshold: float) -> to
     if basis.shape[1] == 0:
         return basis_from_covariance(cov, threshold)
     total = float(torch.trace(cov))
-    m = basis.double()
+    m = basis.to(cov.dtype)
     captured = float(torch.trace(m.T @ cov @ m))
     residual = cov - m @ (m.T @ cov)
     residual = residual - (residual @ m) @ m.T

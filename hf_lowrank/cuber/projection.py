@@ -76,7 +76,7 @@ def _orthonormal(columns: torch.Tensor, tolerance: float = 1e-3) -> torch.Tensor
     """Orthonormal basis of the span of ``columns`` (directions with singular value ≤ tolerance dropped)."""
     if columns.shape[1] == 0:
         return columns
-    u, s, _ = torch.linalg.svd(columns.double(), full_matrices=False)
+    u, s, _ = torch.linalg.svd(columns.float(), full_matrices=False)
     return u[:, s > tolerance].float().contiguous()
 
 

@@ -9,6 +9,9 @@ from .base import Projector
 from .svd import SVDProjector
 
 
+_CODEC_KEYS = ("codes", "scale", "minimum")
+
+
 class QuantizedProjector(Projector):
     """Stores ``inner``'s basis in ``bits``-bit groups of ``group_size`` values; dequantises on use."""
 
@@ -27,13 +30,19 @@ class QuantizedProjector(Projector):
         self._state: dict[str, torch.Tensor] = {}
 
     def _fit(self, grad):
+        extra = self._inner_extra()
         if self._state:  # let sign alignment see the previous (dequantised) basis
-            self.inner.load_state_dict({"basis": self.basis()})
+            self.inner.load_state_dict({"basis": self.basis(), **extra})
         self.inner._fit(grad)
         q = self.inner.basis()
         codes, scale, minimum = quantize_groups(q, self.bits, self.group_size)
-        self._state = {"codes": codes, "scale": scale, "minimum": minimum}
-        self.inner.load_state_dict({})  # the dense copy is not kept
+        # the inner projector's own counters (e.g. the randomized sketch's refresh count) are kept and saved too
+        extra = {k: v for k, v in self.inner.state_dict().items() if k != "basis"}
+        self._state = {"codes": codes, "scale": scale, "minimum": minimum, **extra}
+        self.inner.load_state_dict(extra)  # the dense copy is not kept
+
+    def _inner_extra(self) -> dict:
+        return {k: v for k, v in self._state.items() if k not in _CODEC_KEYS}
 
     def basis(self):
         if not self._state:
@@ -46,4 +55,5 @@ class QuantizedProjector(Projector):
         return dict(self._state)
 
     def load_state_dict(self, state):
-        self._state = {k: state[k] for k in ("codes", "scale", "minimum") if k in state}
+        self._state = dict(state)
+        self.inner.load_state_dict(self._inner_extra())

@@ -64,7 +64,7 @@ def effective_reduction(spectra: dict[str, torch.Tensor], threshold: float, min_
     """ρ(τ): ranks dropped by the matrices that become LRCs at threshold τ, over all ranks."""
     dropped = total = 0
     for s in spectra.values():
-        drop = int(torch.searchsorted(s, torch.tensor(threshold, dtype=s.dtype)))
+        drop = int(torch.searchsorted(s, s.new_tensor(threshold)))
         dropped += drop if drop / len(s) > min_ratio else 0
         total += len(s)
     return dropped / total
@@ -146,7 +146,7 @@ class WeLoreModel(TunerModel):
             if self.threshold is None:
                 self.threshold = find_threshold(spectra, config.rank_reduction, config.min_ratio)
             for name, s in spectra.items():
-                plans[name].rank -= int(torch.searchsorted(s, torch.tensor(self.threshold, dtype=s.dtype)))
+                plans[name].rank -= int(torch.searchsorted(s, s.new_tensor(self.threshold)))
         self.plans, self.num_targeted = plans, len(plans)
         searched_plans = [p for p in plans.values() if p.searched]
         total = sum(p.full_rank for p in searched_plans)
