@@ -146,7 +146,8 @@ def optimizer_cls_and_kwargs(
         }
         if projected:
             groups.append({"params": [p for _, p in projected], "param_names": [n for n, _ in projected], **projection})
-    kwargs = {"params": groups, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+    betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas  # anything else: a clear error below
+    kwargs = {"params": groups, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
               "inner": parts["inner"], "nonfinite": nonfinite, "distributed": distributed,
               "adopt_saved_settings": adopt_saved_settings, **inner_options}
     if parts["projector"] is not None and not projected:  # the values are still checked, on a stand-in matrix

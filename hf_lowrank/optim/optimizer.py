@@ -174,7 +174,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._skips: dict[torch.Tensor, torch.Tensor] = {}
         self._flat: dict[torch.Tensor, dist_driver.FlatPartition] = {}
         self._skipped_steps: torch.Tensor | None = None
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "inner": inner,
+        betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas  # anything else: a clear error
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "inner": inner,
                     **INNER_OPTION_DEFAULTS, **inner_options}
         self.original_parameters: dict[int, int] = {}  # id -> index, kept when a wrapper replaces the groups' params
         super().__init__(params, defaults)
