@@ -16,6 +16,7 @@ _LAZY = {
     "optimizer_cls_and_kwargs": "hf_lowrank.optim",
     "optimizer_factory": "hf_lowrank.optim",
     "NonFiniteLogCallback": "hf_lowrank.callbacks",
+    "RefreshLogCallback": "hf_lowrank.callbacks",
     "ProjectedOptimizer": "hf_lowrank.optim",
     "ModeSpec": "hf_lowrank.optim",
     "make_layerwise": "hf_lowrank.optim.layerwise",

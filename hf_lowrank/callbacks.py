@@ -111,3 +111,22 @@ class NonFiniteLogCallback(TrainerCallback):
             if count > self._seen.get(name, 0):
                 logger.warning(f"Update of {name} skipped {count} time(s) so far for non-finite gradients.")
         self._seen = {"steps": skipped_steps, **skipped_params}
+
+
+class RefreshLogCallback(TrainerCallback):
+    """Puts the subspace refreshes into the logs: ``refreshes`` (SVDs done), ``refreshes_skipped`` (scheduled by
+    ``update_proj_gap`` but skipped by the lazy policy, Q-GaLore's saving) and ``refresh_gap_mean``. Host numbers
+    only (the per-layer figures: ``optimizer.refresh_report()``)."""
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        projected = find_projected_optimizer(optimizer)
+        if projected is None or logs is None:
+            return
+        report = projected.refresh_report().values()
+        if report:
+            counts = {"refreshes": sum(r["refreshes"] for r in report),
+                      "refreshes_skipped": sum(r["skipped"] for r in report),
+                      "refresh_gap_mean": sum(r["gap"] for r in report) / len(report)}
+            logs.update(counts)
+            if state.log_history:  # Trainer appended its copy of the logs before calling the callbacks
+                state.log_history[-1].update(counts)

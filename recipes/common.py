@@ -604,7 +604,7 @@ def fit(cfg: RecipeConfig, model, optimizer_spec, train_dataset, data_collator=N
     returns ``(trainer, RunMeter)``."""
     from transformers import Trainer
 
-    from hf_lowrank.callbacks import LayerwiseGradNormCallback, NonFiniteLogCallback
+    from hf_lowrank.callbacks import LayerwiseGradNormCallback, NonFiniteLogCallback, RefreshLogCallback
 
     meter = RunMeter()
     trainer = Trainer(
@@ -615,7 +615,7 @@ def fit(cfg: RecipeConfig, model, optimizer_spec, train_dataset, data_collator=N
         processing_class=processing_class,
         optimizer_cls_and_kwargs=optimizer_spec,
         callbacks=[*layer_sampling_callbacks(model, cfg, train_dataset, data_collator), meter,
-                   NonFiniteLogCallback(), LayerwiseGradNormCallback()],
+                   NonFiniteLogCallback(), RefreshLogCallback(), LayerwiseGradNormCallback()],
     )
     if cfg.do_train:
         trainer.train()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_lowrank.callbacks import RefreshLogCallback
 from hf_lowrank.optim import create_optimizer, optimizer_factory
 from hf_lowrank.optim import refresh as refresh_policy
 from hf_lowrank.projectors import get_projector
@@ -277,12 +278,14 @@ def test_trainer_factory_protocol_trains_a_prepared_model(tmp_path):
     examples = [{"input_ids": row, "labels": row} for batch in batches(4) for row in batch]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, use_cpu=True,
                              report_to=[], logging_steps=1, save_strategy="no", learning_rate=1e-2, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=examples,
+    trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[RefreshLogCallback()],
                       optimizer_cls_and_kwargs=optimizer_factory("q_galore", **{k: v for k, v in OPTIONS.items()
                                                                                  if k != "lr"}))
     before = model.model.layers[0].mlp.up_proj.codes.clone()
     trainer.train()
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.codes)
+    logged = [e for e in trainer.state.log_history if "refreshes" in e]
+    assert logged[-1]["refreshes"] == 14 and logged[-1]["refreshes_skipped"] == 0  # 14 matrices (all-linear: no head)
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
