@@ -71,7 +71,7 @@ def mode_options(mode):
         options["update_proj_gap"] = GAP
         if "density" not in spec.defaults:
             options["rank"] = 8
-        if spec.projector in ("svd", "randomized"):
+        if spec.projector in ("svd", "randomized", "subspace"):
             options["sign_convention"] = "align"
     if spec.inner == "adamw8bit":
         options["min_8bit_size"] = 256

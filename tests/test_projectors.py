@@ -190,3 +190,31 @@ def test_random_projector_sizes_state_on_meta_without_drawing():
     proj = get_projector("random", (4096, 11008), 1024)
     proj.update(torch.empty(4096, 11008, device="meta"))
     assert proj.basis().device.type == "meta" and proj.state_bytes() == 8
+
+
+def test_subspace_iteration_starts_exact_then_tracks_the_subspace_from_the_previous_basis():
+    torch.manual_seed(0)
+    m, n, r = 96, 160, 8
+    u, v = torch.linalg.qr(torch.randn(m, 40)).Q, torch.linalg.qr(torch.randn(n, 40)).Q
+    spectrum = torch.cat([torch.linspace(10, 5, r), torch.linspace(0.5, 0.1, 40 - r)])  # a gap at the rank
+    grad = (u * spectrum) @ v.T
+    tracked, exact = get_projector("subspace", (m, n), r), get_projector("svd", (m, n), r)
+    tracked.update(grad)
+    exact.update(grad)
+    torch.testing.assert_close(tracked.basis().abs(), exact.basis().abs())  # first fit: the exact SVD
+    for step in range(3):
+        grad = grad + 0.05 * torch.randn(m, n)
+        tracked.update(grad)
+        exact.update(grad)
+        overlap = (tracked.basis().T @ exact.basis()).pow(2).sum() / r
+        assert overlap > 0.99
+        leading = (tracked.basis()[:, 0] @ exact.basis()[:, 0]).abs()
+        assert leading > 0.99  # ordered like singular vectors
+    resumed = get_projector("subspace", (m, n), r)
+    resumed.load_state_dict({k: v.clone() for k, v in tracked.state_dict().items()})
+    grad = grad + 0.05 * torch.randn(m, n)
+    tracked.update(grad)
+    resumed.update(grad)
+    assert torch.equal(resumed.basis(), tracked.basis())
+    with pytest.raises(ValueError, match="`iterations` must be an int >= 1"):
+        get_projector("subspace", (m, n), r, iterations=0)

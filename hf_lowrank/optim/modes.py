@@ -85,6 +85,8 @@ for _name, _spec in {
     "galore_dct": ModeSpec("dct", defaults=GALORE_DEFAULTS, description="SVD-free DCT column selection (Modoranu et al.)."),
     "galore_dct_8bit": ModeSpec("dct", inner="adamw8bit", defaults=GALORE_DEFAULTS, description="DCT basis + 8-bit state."),
     "galore_random": ModeSpec("random", defaults=GALORE_DEFAULTS, description="Seeded random orthonormal subspace."),
+    "galore_subspace": ModeSpec("subspace", defaults=GALORE_DEFAULTS,
+                                description="GaLore refreshed by warm-started subspace iteration (exact SVD once)."),
     "q_galore": ModeSpec(
         "svd", inner="adamw8bit", refresh="lazy", quantized_weights=True,
         defaults={**GALORE_DEFAULTS, "quant_bits": 4, "quant_group_size": 256},

@@ -10,6 +10,7 @@ from .dct import DCTProjector, dct_matrix
 from .quantized import QuantizedProjector
 from .random import RandomProjector
 from .randomized import RandomizedSVDProjector
+from .subspace import SubspaceIterationProjector
 from .svd import SVDProjector
 
 
@@ -18,6 +19,7 @@ PROJECTORS: dict[str, type[Projector]] = {
     "randomized": RandomizedSVDProjector,
     "dct": DCTProjector,
     "random": RandomProjector,
+    "subspace": SubspaceIterationProjector,
 }
 
 
@@ -47,5 +49,5 @@ def get_projector(name: str, shape, rank: int, proj_type: str = "std", quant_bit
 
 __all__ = [
     "PROJECTORS", "PROJ_TYPES", "DCTProjector", "Projector", "QuantizedProjector", "RandomProjector",
-    "RandomizedSVDProjector", "SVDProjector", "dct_matrix", "get_projector", "projector_option_names", "resolve_side",
+    "RandomizedSVDProjector", "SVDProjector", "SubspaceIterationProjector", "dct_matrix", "get_projector", "projector_option_names", "resolve_side",
 ]
