@@ -10,7 +10,8 @@ the cost per step at the real gap ``--gap`` (default 200) is then amortized from
 refresh steps: ``t(T) = t_regular + (t_refresh - t_regular) / T``.
 
 A second part times one projector refresh for a LLaMA-1B MLP matrix (2048 x 5461 fp32, rank 512) per
-projector (exact SVD, randomized SVD, DCT, random) and galore-torch's own SVD projector.
+projector (exact SVD, randomized SVD, DCT, random, warm-started subspace iteration) and galore-torch's own SVD
+projector.
 
     python benchmarks/step_time.py                   # defaults: a few minutes on 1 thread
     python benchmarks/step_time.py --rounds 60 --threads 2 --batch 16
@@ -39,7 +40,7 @@ GALORE_TORCH = "galore-torch GaLoreAdamW"
 DEFAULT_MODES = ["adamw", "galore", "galore_8bit", "galore_adafactor", "galore_randomized", "galore_dct",
                  "frugal"]
 FULL_RANK = (TORCH_ADAMW, "adamw")
-PROJECTORS = ["svd", "randomized", "dct", "random"]
+PROJECTORS = ["svd", "randomized", "dct", "random", "subspace"]
 
 
 def parse_args(argv):
@@ -145,6 +146,7 @@ def time_projector_refresh(args):
     shape, rank = tuple(args.refresh_shape), args.refresh_rank
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     projectors = {name: get_projector(name, shape, rank, "std") for name in PROJECTORS}
+    projectors["subspace"].update(grad)  # timed refreshes are warm-started ones (its first fit is an exact SVD)
     fns = {name: (lambda p=p: p.update(grad)) for name, p in projectors.items()}
     reference = GaLoreProjector(rank, update_proj_gap=1, proj_type="std")
 
