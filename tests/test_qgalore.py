@@ -14,26 +14,11 @@ from hf_lowrank.qgalore import (QGaLoreConfig, QuantLinear, export_dense, load_q
                                 quantized_layers, save_qgalore)
 from hf_lowrank.utils.quantization import dequantize_groups, packed_bytes, quantize_groups
 from tests.conftest import make_tiny_llama
+from tests.test_optim_modes import batches, train
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 OPTIONS = {"rank": 8, "update_proj_gap": 4, "lr": 1e-2, "min_8bit_size": 256}
-
-
-def batches(n, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (4, 16), generator=generator) for _ in range(n)]
-
-
-def train(model, optimizer, data):
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def prepared(simulate=False, seed=0, **options):
