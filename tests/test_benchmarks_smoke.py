@@ -78,3 +78,25 @@ def test_corpus_splits_are_the_shipped_bytes():
     assert int(torch.cat([train, val]).max()) < 128  # ASCII text
     with pytest.raises(ValueError, match="split"):
         common.load_corpus("test")
+
+
+def test_qgalore_memory_counts_weights_gradients_and_state(tmp_path):
+    from benchmarks import qgalore_memory
+
+    qgalore_memory.main(["--sizes", "130M", "--layers", "1", "--out-dir", str(tmp_path)])
+    assert_outputs(tmp_path, "qgalore_memory", ["q_galore", "## Targets", "projector bytes"])
+    import json
+
+    results = json.loads((tmp_path / "qgalore_memory.json").read_text())["130M"]
+    q, g = results["q_galore"], results["galore"]
+    assert q["weights"] < g["weights"] and q["projectors"] * 3.5 < g["projectors"]  # INT8 weights, INT4 vs bf16
+    assert q["grads_largest"] < q["grads_all"]
+
+
+def test_device_step_runs_on_cpu(tmp_path):
+    from benchmarks import device_step
+
+    device_step.main(["--device", "cpu", "--hidden", "64", "--intermediate", "256", "--heads", "2", "--layers", "1",
+                      "--vocab", "256", "--rank", "8", "--seq", "16", "--warmup", "1", "--steps", "1",
+                      "--modes", "galore", "q_galore", "--weight-group-size", "64", "--out-dir", str(tmp_path)])
+    assert_outputs(tmp_path, "device_step_cpu", ["torch AdamW", "q_galore+layerwise"])
