@@ -46,7 +46,7 @@ def test_step_time_runs_interleaved_and_reports_ratios(tmp_path):
     assert results["full"]["torch AdamW"] == pytest.approx(1.0)
     assert set(results["full"]) == {"torch AdamW", "galore-torch GaLoreAdamW", "adamw", "galore"}
     assert all(ratio > 0 for ratio in results["full"].values())
-    assert set(results["refresh"]) == {"svd", "randomized", "dct", "random", "galore-torch (svd)"}
+    assert set(results["refresh"]) == {"svd", "randomized", "dct", "random", "subspace", "galore-torch (svd)"}
 
 
 def test_convergence_trains_every_candidate_on_the_same_batches(tmp_path):

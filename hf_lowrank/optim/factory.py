@@ -25,10 +25,11 @@ _SPEC_OPTIONS = ("projector", "inner", "moment_policy", "residual", "refresh")
 
 
 def projectable_module_types(model: nn.Module) -> tuple[type, ...]:
-    """The linear layer types (``nn.Linear``, ``Conv1D``) plus every module type in ``model`` whose ``weight`` has an
-    update sink (a quantized linear, e.g. Q-GaLore's), so ``target_modules`` (``'all-linear'`` too) matches them."""
-    quantized = {type(m) for m in model.modules()
-                 if isinstance(getattr(m, "weight", None), torch.Tensor) and update_sink_of(m.weight) is not None}
+    """The linear layer types (``nn.Linear``, ``Conv1D``) plus every module type in ``model`` that holds a quantized
+    weight (``holds_quantized_weight = True``, or a ``weight`` with an update sink; e.g. Q-GaLore's), so
+    ``target_modules`` (``'all-linear'`` too) matches them."""
+    quantized = {type(m) for m in model.modules() if getattr(m, "holds_quantized_weight", False) or (
+        isinstance(getattr(m, "weight", None), torch.Tensor) and update_sink_of(m.weight) is not None)}
     return (*linear_types(), *sorted(quantized, key=lambda t: t.__qualname__))
 
 

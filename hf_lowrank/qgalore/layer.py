@@ -109,6 +109,8 @@ class QuantLinear(nn.Module):
     Build it with :meth:`from_linear`. ``dequantized_weight()`` is the current float weight.
     """
 
+    holds_quantized_weight = True  # matched as a linear layer by target_modules, even where a wrapper replaced it
+
     def __init__(self, in_features: int, out_features: int, bias: bool, quantizer: WeightQuantizer,
                  pool: CarrierPool, device=None, dtype=torch.float32):
         super().__init__()
