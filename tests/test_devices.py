@@ -73,3 +73,13 @@ def test_an_optimizer_step_stays_on_the_device(device, mode):
     tensors = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     assert all(t.device.type == device.type for t in tensors)
     assert all(t.dtype != torch.float64 for t in tensors)
+
+
+def test_tpsgd_projection_is_cached_on_the_device(device):
+    from hf_lowrank.tpsgd import TpSGDModel
+
+    model = TpSGDModel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10)))
+    like = torch.zeros(1, device=device)
+    first = model.projection(0, 16, like)
+    assert first.device.type == device.type and model.projection(0, 16, like) is first  # no copy per call
+    torch.testing.assert_close(first.cpu(), model.projection(0, 16, torch.zeros(1)))  # the same P on every device

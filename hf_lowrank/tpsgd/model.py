@@ -65,7 +65,8 @@ class TpSGDModel(nn.Module):
         self.num_labels = cfg.num_labels or inferred
         num_hidden = len(self.plan.hidden)
         self.layer_losses = [cfg.loss_of_layer(i, num_hidden) for i in range(num_hidden)]
-        self._projections: Dict[Tuple[int, int, Optional[int]], torch.Tensor] = {}
+        # (layer, width, step, device, dtype) -> P, drawn once on CPU (the same P on every device) and kept placed
+        self._projections: Dict[Tuple, torch.Tensor] = {}
         self.memory = SavedTensorTracker(self.network.parameters)
 
     @property
@@ -77,14 +78,15 @@ class TpSGDModel(nn.Module):
         return [[p for p in block.parameters() if p.requires_grad] for block in self.plan.blocks]
 
     def projection(self, layer: int, width: int, like: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
-        """P of hidden layer `layer` (of time step `step` with recurrent_projection='per_step'), cached."""
-        key = (layer, width, step)
+        """P of hidden layer `layer` (of time step `step` with recurrent_projection='per_step'), cached on `like`'s
+        device and dtype (no copy per call)."""
+        key = (layer, width, step, like.device, like.dtype)
         if key not in self._projections:
             cfg = self.tpsgd_config
             self._projections[key] = projection_matrix(
                 cfg.projection, cfg.projection_scale, cfg.seed, layer, self.num_labels, width, step
-            )
-        return self._projections[key].to(device=like.device, dtype=like.dtype)
+            ).to(device=like.device, dtype=like.dtype)
+        return self._projections[key]
 
     def forward(self, inputs: torch.Tensor, labels: Optional[torch.Tensor] = None) -> SequenceClassifierOutput:
         logits = self.network(inputs)
