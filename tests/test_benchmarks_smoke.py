@@ -100,3 +100,12 @@ def test_device_step_runs_on_cpu(tmp_path):
                       "--vocab", "256", "--rank", "8", "--seq", "16", "--warmup", "1", "--steps", "1",
                       "--modes", "galore", "q_galore", "--weight-group-size", "64", "--out-dir", str(tmp_path)])
     assert_outputs(tmp_path, "device_step_cpu", ["torch AdamW", "q_galore+layerwise"])
+
+
+def test_subspace_projector_benchmark_times_refreshes_and_records_overlaps(tmp_path):
+    from benchmarks import subspace_projector
+
+    subspace_projector.main(["--shape", "128", "256", "--rank", "16", "--repeats", "1", "--seeds", "0",
+                             "--steps", "60", "--jobs", "1", "--threads", "1", "--out-dir", str(tmp_path)])
+    markdown = assert_outputs(tmp_path, "subspace_projector", ["subspace (warm)", "## Targets"])
+    assert "warm refreshes" in markdown and "none in this budget" not in markdown
