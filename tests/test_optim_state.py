@@ -212,3 +212,20 @@ def test_a_projected_parameter_flattened_after_construction_gets_a_clear_error()
     group["params"] = [flat]
     with pytest.raises(ValueError, match=r"a wrapper replaced them: DeepSpeed ZeRO-1/2.*attach_zero"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("mode", ["adamw", "galore", "galore_subspace", "frugal"])
+def test_steps_run_on_fake_tensors_for_memory_estimation(mode):
+    """Under FakeTensorMode (no data, e.g. torch's MemTracker estimating a training step) a step, refresh included,
+    runs: non-finite checks and refreshes read no values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = make_tiny_llama()
+        optimizer = create_optimizer(model, mode, **{**mode_kwargs(mode), "update_proj_gap": 1})
+        ids = torch.randint(0, 256, (2, 8))
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert optimizer_state_bytes(optimizer) > 0

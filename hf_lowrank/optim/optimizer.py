@@ -442,7 +442,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def _refresh(self, due, entries, group, oks, steps) -> set[int]:
         """``entries[i]``: (projector, state, local gradient, layout, owner, fit, gather), refreshed at step
         ``steps[i]``; see ``_refresh_due``."""
-        finite = torch.stack([oks[i] for i in due]).cpu().tolist()
+        flags = torch.stack([oks[i] for i in due])
+        finite = [True] * len(due) if _without_data(flags) else flags.cpu().tolist()
         waiting = {i for i, ok in zip(due, finite) if not ok}
         due = [i for i in due if i not in waiting]
         policy = group["moment_policy"]
@@ -505,8 +506,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """One 0-dim float flag per parameter (1: step, 0: skip), computed on the device from one fused norm
         pass; under FSDP2 the flags are agreed over the ranks, so every rank skips the same steps."""
         grads = [dist_driver.local(p.grad) for p in params]
-        if grads[0].device.type == "meta":
-            return [torch.ones((), device="meta") for _ in params]
+        if _without_data(grads[0]):
+            return [torch.ones((), device=grads[0].device) for _ in params]
         norms = torch._foreach_norm(grads)  # 2-norm: one cheap pass (inf-norm is ~7x slower)
         device = grads[0].device
         bad = torch.stack([(~torch.isfinite(n)).to(device) for n in norms]).float()
@@ -676,6 +677,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                         state[key] = value[layout.start: layout.start + layout.rows].clone()
             self.state[p] = state
         self._projectors.clear()  # rebuilt from the loaded state at their next use
+
+
+def _without_data(tensor: torch.Tensor) -> bool:
+    """Meta or fake tensors (state sizing, memory estimation): no value can be read, every gradient counts as
+    finite."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type == "meta" or is_fake(tensor)
 
 
 def _zero_where_skipped(tensors: list[torch.Tensor], oks: list[torch.Tensor]) -> None:
