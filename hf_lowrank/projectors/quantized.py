@@ -4,6 +4,8 @@
 integers (``8 // bits`` codes per byte: two at 4 bits, unlike Q-GaLore's one code per uint8) plus a per-group
 scale and offset (``hf_lowrank.utils.quantization``).
 """
+import torch
+
 from ..utils.quantization import check_bits, dequantize_groups, quantize_groups
 from .base import Projector
 from .svd import SVDProjector
