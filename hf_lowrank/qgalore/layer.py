@@ -4,9 +4,9 @@
 dequantized on the fly in forward and again in backward (never kept). Its ``weight`` parameter is a gradient
 carrier: it has the weight's shape and dtype, so autograd, DDP's reducer, gradient clipping and the optimizer see
 an ordinary float gradient, but its values are meaningless and its storage is a view into one workspace that
-every carrier of the model shares per device and dtype (``CarrierPool``: the largest targeted matrix, once). The optimizer writes
-through the layer's update sink (``begin`` / ``commit``): dequantize, apply the whole update in float,
-re-quantize with stochastic rounding.
+every carrier of the model shares per device and dtype (``CarrierPool``: the largest targeted matrix, once). The
+optimizer writes through the layer's update sink (``begin`` / ``commit``): dequantize, apply the whole update in
+float, re-quantize with stochastic rounding.
 """
 import contextlib
 import copy
