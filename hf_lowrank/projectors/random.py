@@ -23,9 +23,11 @@ class RandomProjector(Projector):
     def _generate(self, draw: int, device) -> torch.Tensor:
         if torch.device(device).type == "meta":  # sizing state only: no need to draw
             return torch.empty(self.dim, self.rank, device="meta")
+        # Drawn on CPU (the same numbers whichever device resumes the run), orthonormalised on the device (the QR
+        # is the costly part).
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + draw)
         gaussian = torch.randn(self.dim, self.rank, generator=gen, dtype=torch.float32)
-        return torch.linalg.qr(gaussian).Q.to(device)
+        return torch.linalg.qr(gaussian.to(device)).Q
 
     def _fit(self, grad):
         self._draw = 0 if self._draw is None else self._draw + 1
