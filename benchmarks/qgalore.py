@@ -80,20 +80,21 @@ def main(argv=None):
     def final(name):
         return [results[name][s]["eval"][-1][1] for s in args.seeds]
 
+    def fraction(name):
+        """SVDs done / scheduled over the seeds (None without a projector)."""
+        runs_of = [results[name][s] for s in args.seeds]
+        scheduled = sum(r["scheduled"] for r in runs_of)
+        return sum(r["refreshes"] for r in runs_of) / scheduled if scheduled else None
+
     galore_mean = statistics.mean(final("galore"))
     rows = []
     for name in names:
         losses = final(name)
-        runs_of = [results[name][s] for s in args.seeds]
-        scheduled = sum(r["scheduled"] for r in runs_of)
-        svds = f"{sum(r['refreshes'] for r in runs_of) / scheduled:.1%}" if scheduled else "-"
+        svds = "-" if fraction(name) is None else f"{fraction(name):.1%}"
         rows.append([name, f"{statistics.mean(losses):.4f}", " / ".join(f"{v:.4f}" for v in losses),
-                     f"{statistics.mean(losses) / galore_mean:.4f}", svds, format_bytes(runs_of[0]["state_bytes"])])
+                     f"{statistics.mean(losses) / galore_mean:.4f}", svds,
+                     format_bytes(results[name][args.seeds[0]]["state_bytes"])])
     q_ratio = statistics.mean(final("q_galore")) / galore_mean
-
-    def fraction(name):
-        runs_of = [results[name][s] for s in args.seeds]
-        return sum(r["refreshes"] for r in runs_of) / sum(r["scheduled"] for r in runs_of)
 
     regular = {name: split["regular"] for name, split in timing.items()}
     step_ratio = sum(regular["q_galore"].values()) / sum(regular["galore"].values())

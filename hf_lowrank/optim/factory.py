@@ -104,7 +104,8 @@ def optimizer_cls_and_kwargs(
         unknown = sorted(set(projected_parameters) - {n for n, _ in trainable})
         if unknown:
             raise ValueError(f"`projected_parameters` names no trainable parameter: {unknown[:5]}.")
-        projected_ids = {id(p) for n, p in trainable if n in set(projected_parameters) and p.dim() == 2}
+        named = set(projected_parameters)
+        projected_ids = {id(p) for n, p in trainable if n in named and p.dim() == 2}
     else:
         targets = find_target_linears(model, target_modules, module_types=projectable_module_types(model))
         if spec.quantized_weights and not any(update_sink_of(m.weight) is not None for _, m in targets):
@@ -124,13 +125,14 @@ def optimizer_cls_and_kwargs(
             )
     if parts["projector"] is not None:
         group_rank = group_options.get("rank", PROJECTION_DEFAULTS["rank"])
-        full = [n for n, p in trainable if id(p) in projected_ids and _is_int(group_rank)
+        full = [(n, p) for n, p in trainable if id(p) in projected_ids and _is_int(group_rank)
                 and group_rank >= p.shape[0 if resolve_side(tuple(p.shape), proj_type) == "left" else 1]]
         if full:
+            shown = ", ".join(n for n, _ in full[:4]) + (", ..." if len(full) > 4 else "")
             logger.warning(f"rank {group_rank} is at least the projected dimension of {len(full)} matri"
-                           f"{'x' if len(full) == 1 else 'ces'} ({', '.join(full[:4])}{', ...' if len(full) > 4 else ''}): "
-                           "they get the plain update (projecting them would cost more state than AdamW).")
-            projected_ids -= {id(p) for n, p in trainable if n in set(full)}
+                           f"{'x' if len(full) == 1 else 'ces'} ({shown}): they get the plain update (projecting "
+                           "them would cost more state than AdamW).")
+            projected_ids -= {id(p) for _, p in full}
         plain = [(n, p) for n, p in trainable if id(p) not in projected_ids]
         projected = [(n, p) for n, p in trainable if id(p) in projected_ids]
         if plain:

@@ -11,8 +11,9 @@ is plain. Per parameter, the projected path is
     decoupled weight decay after the update: p -= lr * weight_decay * p                      (galore-torch)
 
 A parameter with an update sink (``hf_lowrank.optim.sinks``, e.g. a Q-GaLore INT8 weight) is stepped on a float
-working copy that the sink then stores. Everything in ``optimizer.state`` is tensors and plain numbers: projector objects live in a private dict and
-their tensor state is mirrored in ``state[p]["projector"]``; ``load_state_dict`` rebuilds them lazily.
+working copy that the sink then stores. Everything in ``optimizer.state`` is tensors and plain numbers: projector
+objects live in a private dict and their tensor state is mirrored in ``state[p]["projector"]``; ``load_state_dict``
+rebuilds them lazily.
 
 Distributed training (``hf_lowrank.optim.distributed``): under DDP each refresh runs on one owner rank and is
 broadcast; FSDP2 (DTensor, ``Shard(0)``) parameters are stepped shard-locally, with the refresh computed from the
@@ -63,6 +64,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _fill_projection_defaults(group: dict) -> None:
+    """Give a projected group every projection key it lacks (a new group, or one loaded from an older version)."""
+    for key, value in PROJECTION_DEFAULTS.items():
+        group.setdefault(key, dict(value) if isinstance(value, dict) else value)
+
+
 def _validate_group(group: dict) -> None:
     inner = get_inner(group["inner"])
     if inner.name == "adamw8bit":
@@ -84,8 +91,7 @@ def _validate_group(group: dict) -> None:
         raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
     if "rank" not in group:
         return
-    for key, value in PROJECTION_DEFAULTS.items():
-        group.setdefault(key, dict(value) if isinstance(value, dict) else value)
+    _fill_projection_defaults(group)
     rank, density = group["rank"], group["density"]
     if rank is None:
         if density is None or not 0.0 < density <= 1.0:
@@ -548,10 +554,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             if "rank" not in group:
                 continue
-            for p in group["params"]:
+            names = group.get("param_names")
+            for index, p in enumerate(group["params"]):
                 state = self.state.get(p)
                 if state and "step" in state:
-                    report[self._name(p, group).strip("'")] = refresh_policy.report(state, state["step"], group)
+                    name = names[index] if names else self._name(p, group)
+                    report[name] = refresh_policy.report(state, state["step"], group)
         return report
 
     def release_state(self, params) -> int:
@@ -659,8 +667,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._check_saved_settings(state_dict["param_groups"])
         super().load_state_dict({**state_dict, "state": {}})
         for group in self.param_groups:  # a checkpoint from an older version lacks the newer keys
-            for key, value in PROJECTION_DEFAULTS.items() if "rank" in group else ():
-                group.setdefault(key, dict(value) if isinstance(value, dict) else value)
+            if "rank" in group:
+                _fill_projection_defaults(group)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         groups = [g for g in self.param_groups for _ in g["params"]]

@@ -49,5 +49,6 @@ def get_projector(name: str, shape, rank: int, proj_type: str = "std", quant_bit
 
 __all__ = [
     "PROJECTORS", "PROJ_TYPES", "DCTProjector", "Projector", "QuantizedProjector", "RandomProjector",
-    "RandomizedSVDProjector", "SVDProjector", "SubspaceIterationProjector", "dct_matrix", "get_projector", "projector_option_names", "resolve_side",
+    "RandomizedSVDProjector", "SVDProjector", "SubspaceIterationProjector", "dct_matrix", "get_projector",
+    "projector_option_names", "resolve_side",
 ]

@@ -32,7 +32,7 @@ def prepare_model_for_qgalore(model: nn.Module, config: QGaLoreConfig | None = N
         if config.simulate:
             attach_update_sink(linear.weight, FakeQuantSink(linear, quantizer))
         else:
-            _set_submodule(model, name, QuantLinear.from_linear(linear, quantizer, pool))
+            model.set_submodule(name, QuantLinear.from_linear(linear, quantizer, pool))
     model.qgalore_config = config
     return model
 
@@ -49,11 +49,6 @@ def _targets(model: nn.Module, config: QGaLoreConfig) -> list[tuple[str, nn.Line
         if update_sink_of(linear.weight) is not None:
             raise ValueError(f"{name!r} already has an update sink (quantized twice?).")
     return targets
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
