@@ -3,7 +3,7 @@
     hf-lowrank train recipes/configs/glue/minilm_galore.yaml lr=5e-5      # one run (key=value overrides)
     hf-lowrank eval  recipes/configs/glue/minilm_adamw.yaml model_name_or_path=outputs/my-checkpoint
     hf-lowrank compare recipes/configs/glue/minilm_galore.yaml --modes adamw,galore,lora   # table + PNG
-    hf-lowrank card results/sst2--galore--minilm.json --repo-id me/minilm-sst2-galore
+    hf-lowrank card results/sst2--galore--100steps--minilm.json --repo-id me/minilm-sst2-galore
     hf-lowrank env
 
 A YAML config names its recipe (``recipe: glue``); the script ``<recipe>.py`` is found beside the ``configs`` folder
@@ -122,6 +122,12 @@ def _config_name(config: Path) -> str:
     return stem[: -len(yaml_mode) - 1] if yaml_mode and stem.endswith(f"_{yaml_mode}") else stem
 
 
+def _results_files(results_dir: str) -> dict[Path, int]:
+    """Results files in `results_dir` with their modification times (ns): the files a run writes are the ones new
+    or changed afterwards, whatever its run name."""
+    return {path: path.stat().st_mtime_ns for path in Path(results_dir).glob("*.json")}
+
+
 def compare(config: Path, modes: list[str], overrides: list[str], results_dir: str, out: Optional[str] = None):
     """Run every mode on one recipe (each in its own process, so peak memory is per run) and tabulate the results."""
     from tqdm.auto import tqdm
@@ -138,11 +144,13 @@ def compare(config: Path, modes: list[str], overrides: list[str], results_dir: s
         mode_config = _sibling_config(config, mode) or config
         args = [f"mode={mode}", f"config_name={config_name}", f"results_dir={results_dir}", *overrides]
         tqdm.write(f"== {mode}: {mode_config} {' '.join(args)}")
+        before = _results_files(results_dir)
         run = subprocess.run([sys.executable, "-m", "hf_lowrank.cli", "train", str(mode_config), *args])
         if run.returncode != 0:
             failed.append(mode)
             continue
-        paths += sorted(Path(results_dir).glob(f"*--{mode}--{config_name}.json"))
+        after = _results_files(results_dir)
+        paths += sorted(path for path, stamp in after.items() if before.get(path) != stamp)  # what this run wrote
     records = [r for r in common.load_results(paths)] if paths else []
     table = common.results_table(records)
     task = records[0]["run_info"]["task"] if records else "none"
@@ -234,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results")
     p.add_argument("--out", help="folder for the table/plot (default: the results folder)")
     p = sub.add_parser("card", help="render a model card from a results JSON or a saved output folder")
-    p.add_argument("results", help="results/<task>--<mode>--<config>.json or an output folder")
+    p.add_argument("results", help="results/<run_name>.json or an output folder")
     p.add_argument("--repo-id")
     p.add_argument("--license", help="card metadata licence (default: apache-2.0, the licence of the hf_lowrank code)")
     p.add_argument("--output", help="write the card here instead of printing it")

@@ -1,7 +1,7 @@
 """Hub-ready checkpoints: safetensors weights, model cards, and upload.
 
     from hf_lowrank import hub
-    hub.save_pretrained(model, "outputs/sst2", tokenizer=tok, results="results/sst2--galore--minilm.json")
+    hub.save_pretrained(model, "outputs/sst2", tokenizer=tok, results="results/sst2--galore--100steps--minilm.json")
     hub.push_to_hub("outputs/sst2", "me/minilm-sst2-galore")
 
 Every card, a recipe's (from its results JSON) and a tuner's (WeLore, GradNormLoRP), goes through one renderer,

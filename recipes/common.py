@@ -11,7 +11,8 @@ Each script subclasses :class:`RecipeConfig` with its own fields and calls, in o
         metrics = ...                                # evaluation
     write_results(cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer)
 
-Results land in ``<results_dir>/<task>--<mode>--<config_name>.json`` with ``run_info``/``train_info``/``meta_info``
+Results land in ``<results_dir>/<run_name>.json`` (by default ``<task>--<mode>--<steps>steps--<config_name>``, see
+:meth:`RecipeConfig.run_name_parts`) with ``run_info``/``train_info``/``meta_info``
 blocks; :func:`results_table` and :func:`plot_results` turn a set of them into a markdown table and a PNG.
 """
 from __future__ import annotations
@@ -71,6 +72,12 @@ class RecipeConfig:
     config_name: str = field(
         default="",
         metadata={"help": "Name used in results files; defaults to the YAML file name without its '_<mode>' suffix."},
+    )
+    run_name: str = field(
+        default="",
+        metadata={"help": "Results file name (<results_dir>/<run_name>.json) and {run_name} of output_dir; empty: "
+                  "the parts that distinguish the run joined by '--' (task, mode or 'zeroshot', step budget, "
+                  "config_name)."},
     )
     # Optimizer (hf_lowrank.optim.create_optimizer keywords).
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
@@ -132,9 +139,10 @@ class RecipeConfig:
     )
     # Outputs.
     output_dir: str = field(
-        default="outputs/{task}--{mode}--{config_name}", metadata={"help": "Checkpoint folder (fields expand)."}
+        default="outputs/{run_name}",
+        metadata={"help": "Checkpoint folder; {run_name}, {task}, {mode} and {config_name} expand."},
     )
-    results_dir: str = field(default="results", metadata={"help": "Folder for <task>--<mode>--<config>.json."})
+    results_dir: str = field(default="results", metadata={"help": "Folder for <run_name>.json."})
     save_model: bool = field(default=False, metadata={"help": "Save weights (safetensors) + model card."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub after saving."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Repo id for push_to_hub."})
@@ -154,11 +162,25 @@ class RecipeConfig:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub=true` needs `hub_model_id=<user>/<repo>`.")
-        self.output_dir = self.output_dir.format(task=self.task, mode=self.mode, config_name=self.config_name)
+        if not self.run_name:
+            self.run_name = "--".join(part for part in self.run_name_parts() if part)
+        if "/" in self.run_name or os.sep in self.run_name:
+            raise ValueError(f"`run_name` names a file in results_dir and cannot hold '/', got {self.run_name!r}.")
+        names = dict(run_name=self.run_name, task=self.task, mode=self.mode, config_name=self.config_name)
+        try:
+            self.output_dir = self.output_dir.format(**names)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"`output_dir` {self.output_dir!r} does not expand ({err}); the fields it may name are "
+                             f"{', '.join('{' + n + '}' for n in names)}.") from None
 
-    @property
-    def run_name(self) -> str:
-        return f"{self.task}--{self.mode}--{self.config_name}"
+    def run_name_parts(self) -> list[str]:
+        """What tells this run's results apart from other runs of the recipe, in file-name order: task, mode (or
+        ``zeroshot`` when ``do_train`` is false: nothing was trained), step budget, config name. The default
+        ``run_name`` joins them with ``--``; a recipe whose runs differ in more (e.g. a task set) extends the list."""
+        if not self.do_train:
+            return [self.task, "zeroshot", self.config_name]
+        budget = f"{self.max_steps}steps" if self.max_steps > 0 else f"{self.num_train_epochs:g}epochs"
+        return [self.task, self.mode, budget, self.config_name]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -734,7 +756,7 @@ def build_results(
 
 
 def write_results(cfg: RecipeConfig, metrics: dict, **kwargs) -> Path:
-    """Write ``<results_dir>/<task>--<mode>--<config_name>.json`` (atomically: several failing processes may write
+    """Write ``<results_dir>/<run_name>.json`` (atomically: several failing processes may write
     it) and return its path."""
     record = build_results(cfg, metrics, **kwargs)
     path = results_path(cfg)

@@ -21,13 +21,13 @@ FAST = ["max_steps=3", "batch_size=2", "max_seq_length=16", "eval_batches=1", "e
 
 def test_train_runs_the_recipe_named_in_the_yaml(tmp_path):
     assert cli.main(["train", str(TINY), f"results_dir={tmp_path}", *FAST]) == 0
-    record = json.loads((tmp_path / "tinyshakespeare--galore--tiny.json").read_text())
+    record = json.loads((tmp_path / "tinyshakespeare--galore--3steps--tiny.json").read_text())
     assert record["train_info"]["steps"] == 3 and record["run_info"]["config"]["rank"] == 4
     assert record["meta_info"]["system"]["world_size"] == 1
     assert record["run_info"]["command"].startswith(
         "accelerate launch recipes/pretrain.py --config ./recipes/configs/pretrain/tiny_galore.yaml "
         f"results_dir={tmp_path.name} max_steps=3")
-    text = (tmp_path / "tinyshakespeare--galore--tiny.json").read_text()
+    text = (tmp_path / "tinyshakespeare--galore--3steps--tiny.json").read_text()
     assert str(tmp_path) not in text and str(ROOT) not in text
 
 
@@ -47,7 +47,7 @@ def test_accelerate_launcher_runs_two_cpu_processes(tmp_path, monkeypatch):
     assert code == 0
     (path,) = tmp_path.glob("*.json")  # only the main process writes results
     record = json.loads(path.read_text())
-    assert path.name == "tinyshakespeare--galore--tiny.json"
+    assert path.name == "tinyshakespeare--galore--3steps--tiny.json"
     assert record["meta_info"]["system"]["world_size"] == 2 and not record["meta_info"]["system"]["cuda"]
     assert record["train_info"]["steps"] == 3 and record["train_info"]["metrics"]["perplexity"] > 1
     assert record["run_info"]["config"]["rank"] == 4
@@ -90,7 +90,7 @@ def test_eval_skips_training_and_copied_configs_find_their_recipe(tmp_path, monk
     shutil.copy(TINY, copied)  # a config outside recipes/ still finds recipes/pretrain.py
     monkeypatch.chdir(tmp_path)
     assert cli.main(["eval", str(copied), "mode=adamw", "results_dir=res", *FAST]) == 0
-    record = json.loads((tmp_path / "res" / "tinyshakespeare--adamw--my_experiment.json").read_text())
+    record = json.loads((tmp_path / "res" / "tinyshakespeare--zeroshot--my_experiment.json").read_text())
     assert record["run_info"]["config"]["do_train"] is False and record["train_info"]["steps"] == 0
 
 
@@ -150,13 +150,13 @@ def test_compare_writes_table_and_plot(compared):
     assert "step time / adamw" in table
     assert (out / "tinyshakespeare--compare--tiny.png").read_bytes()[:4] == b"\x89PNG"
     # The adamw arm used its own sibling config (tiny_adamw.yaml: lr 1e-3), the galore arm tiny_galore.yaml (1e-2).
-    lrs = {m: json.loads((out / f"tinyshakespeare--{m}--tiny.json").read_text())["run_info"]["config"]["lr"]
+    lrs = {m: json.loads((out / f"tinyshakespeare--{m}--3steps--tiny.json").read_text())["run_info"]["config"]["lr"]
            for m in ("adamw", "galore")}
     assert lrs == {"adamw": 1e-3, "galore": 1e-2}
 
 
 def test_card_and_env(compared, tmp_path, capsys):
-    results = compared[1] / "tinyshakespeare--galore--tiny.json"
+    results = compared[1] / "tinyshakespeare--galore--3steps--tiny.json"
     capsys.readouterr()
     assert cli.main(["card", str(results), "--repo-id", "me/tiny-galore"]) == 0
     out = capsys.readouterr().out

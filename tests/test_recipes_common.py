@@ -38,9 +38,39 @@ def test_yaml_values_and_overrides_are_coerced(tmp_path):
     assert cfg.mode_options == {"moment_policy": "rotate"}
     assert cfg.max_train_samples is None and cfg.num_fewshot == 0
     assert cfg.config_name == "minilm"  # "<model>_<mode>" stem without the mode
-    assert cfg.run_name == "sst2--galore--minilm"
-    assert cfg.output_dir == "outputs/sst2--galore--minilm"
+    assert cfg.run_name == "sst2--zeroshot--minilm"  # do_train=false: nothing trained
+    assert cfg.output_dir == "outputs/sst2--zeroshot--minilm"
     assert "lr=2e-5" in cfg.command and "--config minilm_galore.yaml" in cfg.command
+
+
+def test_result_names_never_collide():
+    """Runs that differ in task, mode, step budget, training or config get different results files."""
+    runs = [["task=sst2"], ["task=rte"], ["mode=galore"], ["max_steps=100"], ["max_steps=200"], ["num_train_epochs=3"],
+            ["do_train=false"], ["do_train=false", "config_name=other"], ["config_name=other"]]
+    names = [common.load_config(DemoConfig, None, ["config_name=minilm", *run]).run_name for run in runs]
+    assert len(set(names)) == len(names), names
+    assert names[3] == "sst2--adamw--100steps--minilm" and names[5] == "sst2--adamw--3epochs--minilm"
+    assert names[6] == "sst2--zeroshot--minilm"  # evaluation only is labelled as such, not as an optimizer
+
+
+def test_explicit_run_name_names_results_and_output_dir(tmp_path):
+    cfg = common.load_config(DemoConfig, None, ["run_name=seed1", f"results_dir={tmp_path}"])
+    assert (cfg.run_name, cfg.output_dir, common.results_path(cfg)) == ("seed1", "outputs/seed1", tmp_path / "seed1.json")
+    cfg = common.load_config(DemoConfig, None, ["output_dir=out/{task}/{run_name}", "max_steps=5"])
+    assert cfg.output_dir == "out/sst2/sst2--adamw--5steps--default"  # no YAML, no task given: config "default"
+
+    @dataclass
+    class TaskSetConfig(DemoConfig):
+        tasks: str = "boolq,piqa"
+
+        def run_name_parts(self):
+            return [*super().run_name_parts(), self.tasks.replace(",", "+")]
+
+    assert common.load_config(TaskSetConfig, None, ["max_steps=5"]).run_name == "sst2--adamw--5steps--default--boolq+piqa"
+    with pytest.raises(ValueError, match="`run_name` names a file in results_dir and cannot hold '/'"):
+        common.load_config(DemoConfig, None, ["run_name=a/b"])
+    with pytest.raises(ValueError, match=r"`output_dir` 'out/\{seed\}' does not expand.*\{run_name\}"):
+        common.load_config(DemoConfig, None, ["output_dir=out/{seed}"])
 
 
 def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
@@ -104,7 +134,7 @@ def test_results_json_schema_table_and_plot(tmp_path):
     from importlib import metadata
 
     path = fake_record(tmp_path, "adamw", 0.8, 0.5, 4 * 2**20)
-    assert path.name == "sst2--adamw--minilm.json"
+    assert path.name == "sst2--adamw--1epochs--minilm.json"
     record = json.loads(path.read_text())
     common.validate_results(record)
     assert set(record) == {"run_info", "train_info", "meta_info"}
@@ -189,7 +219,7 @@ def test_a_failed_run_writes_an_error_record_over_the_old_one_and_reraises(tmp_p
     assert record["run_info"]["status"] == "error" and record["train_info"]["metrics"] == {}
     assert record["run_info"]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert "| sst2 | adamw (error) | minilm |" in common.results_table(common.load_results(tmp_path))
-    assert [p.name for p in tmp_path.iterdir()] == ["sst2--adamw--minilm.json"]  # no partial files left
+    assert [p.name for p in tmp_path.iterdir()] == ["sst2--adamw--1epochs--minilm.json"]  # no partial files left
 
 
 def test_error_record_names_the_failing_process(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def test_end_to_end_on_offline_default(config, tmp_path):
     metrics = glue.main(["--config", str(CONFIGS / config), f"results_dir={tmp_path}", *FAST])
     assert 0.0 <= metrics["accuracy"] <= 1.0
     mode = config.split("_")[1].removesuffix(".yaml")
-    record = json.loads((tmp_path / f"sst2--{mode}--minilm.json").read_text())
+    record = json.loads((tmp_path / f"sst2--{mode}--3steps--minilm.json").read_text())
     info = record["train_info"]
     assert info["metrics"] == metrics and info["main_metric"] == "accuracy" and info["steps"] == 3
     assert info["optimizer_state_bytes"] > 0 and info["peak_memory_bytes"] > 0
