@@ -133,34 +133,92 @@ def test_representation_rows_linear_tokens_and_conv_im2col():
 def test_correlation_test_fires_on_constructed_cases():
     basis = torch.eye(5)[:, :2]  # old task's input subspace: e1, e2
     grad = torch.tensor([[1.0, 2.0, 0.1, 0.0, 0.0], [0.5, -1.0, 0.0, 0.2, 0.0]])
-    aligned = grad @ basis  # old task's gradient (projected) points the same way
-    assert correlation_test(grad, basis, aligned, 0.2, 0.0).regime == REGIME_POSITIVE
-    assert correlation_test(grad, basis, -aligned, 0.2, 0.0).regime == REGIME_STRONG
+    assert correlation_test(grad, basis, grad.clone(), 0.5, 0.0).regime == REGIME_POSITIVE
+    assert correlation_test(grad, basis, -grad, 0.5, 0.0).regime == REGIME_STRONG
+    assert correlation_test(grad, basis, None, 0.5).regime == REGIME_STRONG  # TRGP: Definition 1 only
     orthogonal = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
-    weak = correlation_test(orthogonal, basis, aligned, 0.2, 0.0)
+    weak = correlation_test(orthogonal, basis, grad, 0.5, 0.0)
     assert weak.regime == REGIME_WEAK and weak.projection_ratio == 0.0
-    # epsilon_2 is a cosine threshold: a barely positive correlation is rejected by a strict one
-    tilted = aligned + torch.tensor([[0.0, 0.0], [3.0, 0.0]])
-    test = correlation_test(grad, basis, tilted, 0.2, 0.0)
-    assert test.regime == REGIME_POSITIVE and 0 < test.cosine < 0.9
-    assert correlation_test(grad, basis, tilted, 0.2, 0.9).regime == REGIME_STRONG
+    # epsilon_2 is a cosine threshold on the whole layer gradients (Definition 2)
+    tilted = grad + torch.tensor([[0.0, 0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    test = correlation_test(grad, basis, tilted, 0.5, 0.0)
+    assert test.regime == REGIME_POSITIVE and test.cosine == pytest.approx(
+        float((grad * tilted).sum() / (grad.norm() * tilted.norm())))
+    assert correlation_test(grad, basis, tilted, 0.5, 0.9).regime == REGIME_STRONG
+    # whole gradients anti-correlated outside S_j but aligned inside it: only the 'projection' option calls it positive
+    outside = grad @ basis @ basis.T - 200 * (grad - grad @ basis @ basis.T)
+    assert correlation_test(grad, basis, outside, 0.5, 0.0, on="gradient").regime == REGIME_STRONG
+    assert correlation_test(grad, basis, outside, 0.5, 0.0, on="projection").regime == REGIME_POSITIVE
+    # a zero stored gradient is not positively correlated
+    assert correlation_test(grad, basis, torch.zeros_like(grad), 0.5, 0.0).regime == REGIME_STRONG
 
 
-def test_backward_update_keeps_positive_subspace_and_protects_the_rest():
+def test_trust_region_keeps_the_two_largest_projections():
+    from hf_lowrank.cuber import Correlation, assign_regimes, trust_region
+
+    tests = [Correlation(0.9, 0.5, REGIME_POSITIVE), Correlation(0.3, 0.5, REGIME_WEAK),
+             Correlation(0.6, -0.2, REGIME_STRONG), Correlation(0.7, 0.1, REGIME_POSITIVE)]
+    region = trust_region(tests, 2)
+    assert region == [0, 3]  # task 2 is sufficient but third by projection: regime 1
+    assert assign_regimes(tests, region, may_open=True) == [REGIME_POSITIVE, REGIME_WEAK, REGIME_WEAK, REGIME_POSITIVE]
+    assert assign_regimes(tests, region, may_open=False) == [REGIME_STRONG, REGIME_WEAK, REGIME_WEAK, REGIME_STRONG]
+    assert assign_regimes(tests, trust_region(tests, 3), True) == [3, 1, 2, 3]
+
+
+def test_backward_update_keeps_regime3_subspace_and_protects_the_rest():
     eye = torch.eye(6)
-    memory = LayerMemory(union=eye[:, :3], task_bases=[eye[:, :2], eye[:, 1:3]], task_grads=[None, None])
+    memory = LayerMemory(union=eye[:, :3], task_bases=[eye[:, :2], eye[:, 1:3]])
     grad = torch.ones(2, 6)
-    memory.task_grads = [grad @ eye[:, :2], -(grad @ eye[:, 1:3])]
-    # task 0 (e1, e2) is positive, task 1 (e2, e3) is not: only e1 may move; e2 is shielded because task 1 uses it
-    out = LayerProjection(memory, positive_tasks=[0], backward_scale=0.5).project(grad)
-    torch.testing.assert_close(out, torch.tensor([[0.5, 0, 0, 1, 1, 1]] * 2))
+    # task 0 (e1, e2) is in regime 3, task 1 (e2, e3) is not: only e1 may move; e2 is shielded because task 1 uses it
+    torch.testing.assert_close(LayerProjection(memory, open_tasks=[0]).project(grad),
+                               torch.tensor([[1.0, 0, 0, 1, 1, 1]] * 2))
+    torch.testing.assert_close(LayerProjection(memory, open_tasks=[0], backward_scale=0.5).project(grad),
+                               torch.tensor([[0.5, 0, 0, 1, 1, 1]] * 2))
     # GPM: the whole union is removed
     torch.testing.assert_close(LayerProjection(memory).project(grad), torch.tensor([[0.0, 0, 0, 1, 1, 1]] * 2))
-    # step guard: a step whose kept part would raise task 0's loss to first order keeps nothing in its subspace
-    memory.task_grads[0] = -memory.task_grads[0]
-    guarded = LayerProjection(memory, [0], step_guard=True).project(grad)
-    torch.testing.assert_close(guarded, torch.tensor([[0.0, 0, 0, 1, 1, 1]] * 2))
-    assert torch.equal(LayerProjection(memory, [0]).project(grad)[:, 0], torch.ones(2))  # default: task-level test only
+
+
+def test_penalty_gradient_is_the_gradient_of_eq3():
+    from hf_lowrank.cuber import BackwardTransfer
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3, bias=False)
+    start = layer.weight.detach().clone()
+    bases = [torch.linalg.qr(torch.randn(6, 2))[0], torch.linalg.qr(torch.randn(6, 3))[0]]
+    memory = LayerMemory(union=torch.zeros(6, 0), task_bases=bases, task_grads=[torch.randn(3, 6)] * 2)
+    backward = BackwardTransfer({"lin": memory}, {"lin": [0, 1]}, {"lin": start}, penalty_lambda=0.7, epsilon_2=0.0)
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    backward.add_penalty_grad_({"lin": layer})  # at W = W^{t-1} the penalty's (sub)gradient is zero
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight))
+    w = layer.weight.detach().double().requires_grad_(True)
+    penalty = 0.7 * sum(((w - start.double()) @ b.double() @ b.double().T).norm() for b in bases)
+    expected = torch.autograd.grad(penalty, w)[0]
+    backward.add_penalty_grad_({"lin": layer})
+    torch.testing.assert_close(layer.weight.grad.double(), expected, atol=1e-5, rtol=1e-5)
+    assert float(backward.penalty({"lin": layer})) == pytest.approx(float(penalty.detach()), rel=1e-5)
+
+
+def test_step_demotion_drops_a_failing_task_to_regime_2_for_the_rest_of_the_task():
+    from hf_lowrank.cuber import BackwardTransfer, GradientProjection
+
+    eye = torch.eye(4)
+    stored = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    memory = LayerMemory(union=eye[:, :2], task_bases=[eye[:, :1], eye[:, 1:2]], task_grads=[stored, -stored])
+    layer = nn.Linear(4, 1, bias=False)
+    backward = BackwardTransfer({"lin": memory}, {"lin": [0, 1]}, {"lin": layer.weight.detach().clone()},
+                                penalty_lambda=0.0, epsilon_2=0.0)
+    projection = GradientProjection({"lin": layer}, {"lin": LayerProjection(memory, [0, 1])}, backward=backward,
+                                    demote_every_step=True)
+    layer.weight.grad = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # <g, g_0> > 0, <g, g_1> < 0
+    projection.project_()
+    assert backward.open_tasks == {"lin": [0]} and projection.demotions == [(0, "lin", 1)]
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[1.0, 0.0, 1.0, 1.0]]))  # e2 protected again
+    layer.weight.grad = torch.tensor([[-1.0, 1.0, 1.0, 1.0]])  # now task 0 fails too
+    projection.project_()
+    assert backward.open_tasks == {} and projection.demotions == [(0, "lin", 1), (1, "lin", 0)]
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
 
 
 # ----------------------------------------------------------------------------- GPM invariance
@@ -211,16 +269,20 @@ def test_cuber_records_correlations_and_reports_memory(tmp_path):
     tasks = [low_rank_task(s) for s in range(3)]
     matrix = trainer.train_tasks([(t, t) for t in tasks])
     assert matrix.values.shape == (3, 3) and not np.isnan(np.tril(matrix.values)).any()
-    # one test at the start of each task plus one per later epoch; each layer has one entry per old task
-    assert [r["task_index"] for r in trainer.correlation_history] == [1, 1, 2, 2]
-    assert [len(r["layers"]["lin1"]) for r in trainer.correlation_history] == [1, 1, 2, 2]
+    # one test at the start of each task; each layer has one entry per old task
+    assert [r["task_index"] for r in trainer.correlation_history] == [1, 2]
+    assert [len(r["layers"]["lin1"]) for r in trainer.correlation_history] == [1, 2]
+    counts = trainer.regime_counts()
+    assert [sum(counts[t]["lin1"].values()) for t in range(2)] == [1, 2]
     nbytes = trainer.memory_bytes()
     assert set(nbytes) == {"lin1", "lin2"}  # heads are task-specific: neither projected nor remembered
     for name, parts in nbytes.items():
         layer = trainer.memory.layers[name]
         assert parts["union"] == layer.union.numel() * 4 > 0
         assert parts["task_bases"] == sum(b.numel() * 4 for b in layer.task_bases)
-        assert parts["task_grads"] == sum(64 * b.shape[1] * 4 for b in layer.task_bases)
+        weight = trainer.target_layers[name].weight
+        assert parts["task_grads"] == 3 * weight.numel() * 4  # one whole layer gradient per task (Definition 2)
+        assert [tuple(g.shape) for g in layer.task_grads] == [tuple(weight.shape)] * 3
 
 
 def test_backward_transfer_only_in_selected_layers(tmp_path):
@@ -228,14 +290,15 @@ def test_backward_transfer_only_in_selected_layers(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     trainer = make_trainer(tmp_path, model, strategy="cuber", energy_threshold=0.9, backward_transfer_modules=["lin1"],
-                           freeze_unprojected_after_first_task=False)
+                           freeze_unprojected_after_first_task=False, demotion="none")
     task = low_rank_task(0)
     trainer.train_task("first", task, task)
     head_before = model.head.weight.detach().clone()
     union = trainer.memory.layers["head"].union
     trainer.train_task("again", task, task)
     regimes = {name: [t["regime"] for t in tests] for name, tests in trainer.correlation_history[0]["layers"].items()}
-    assert regimes == {"lin1": [REGIME_POSITIVE], "lin2": [REGIME_POSITIVE], "head": [REGIME_POSITIVE]}
+    assert regimes == {"lin1": [REGIME_POSITIVE], "lin2": [REGIME_STRONG], "head": [REGIME_STRONG]}
+    assert all(t["correlated"] for tests in trainer.correlation_history[0]["layers"].values() for t in tests)
     projections = trainer._projection.projections
     assert projections["lin1"].allowed is not None
     assert projections["lin2"].allowed is None and projections["head"].allowed is None
@@ -256,9 +319,9 @@ def test_gradient_holdout_trains_on_the_rest_and_stores_the_held_out_gradient(tm
     trained = {int(i) for i in trainer.train_dataset.indices}
     held_out = sorted(set(range(40)) - trained)
     assert len(held_out) == 10
-    model.eval()  # the stored g_j is the mean-loss gradient on exactly the held-out examples, projected on B_j
+    model.eval()  # the stored g_j is the mean-loss layer gradient on exactly the held-out examples
     loss = model(task.x[held_out], labels=task.y[held_out])["loss"]
-    expected = torch.autograd.grad(loss, model.lin1.weight)[0] @ trainer.memory.layers["lin1"].task_bases[0]
+    expected = torch.autograd.grad(loss, model.lin1.weight)[0]
     torch.testing.assert_close(trainer.memory.layers["lin1"].task_grads[0], expected, atol=1e-6, rtol=1e-5)
 
 
@@ -348,6 +411,11 @@ def test_transformer_linear_layers_use_token_rows(tmp_path):
     (dict(strategy="gpm", backward_transfer_modules=["lin1"]), "backward_transfer_modules"),
     (dict(gradient_holdout=0.6), "gradient_holdout"),
     (dict(strategy="gpm", gradient_holdout=0.2), "gradient_holdout"),
+    (dict(correlation_test="cosine"), "correlation_test"),
+    (dict(demotion="always"), "demotion"),
+    (dict(penalty_lambda=-1.0), "penalty_lambda"),
+    (dict(strategy="trgp", penalty_lambda=2.0), "penalty_lambda` is a cuber option"),
+    (dict(strategy="gpm", trust_region_size=1), "trust_region_size"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -367,6 +435,18 @@ def test_trainer_rejects_bad_input(tmp_path):
     trainer.train_task("a", task)
     with pytest.raises(ValueError, match="already trained"):
         trainer.train_task("a", task)
+    with pytest.raises(ValueError, match="None"):
+        trainer.train_task(None, task)
+    with pytest.raises(TypeError, match="not hashable"):
+        trainer.train_task(["b"], task)
+    numbered = make_trainer(tmp_path, TinyNet(), strategy="gpm")
+    numbered.train_task(0, task)
+    with pytest.raises(ValueError, match="collides with the earlier id 0"):
+        numbered.train_task("0", task)
+    two_heads = make_trainer(tmp_path, TinyNet(heads=2), strategy="gpm", head="multi", head_modules=["heads"])
+    two_heads.train_tasks([task, task])
+    with pytest.raises(ValueError, match="needs head 2.*matches 2 head"):
+        two_heads.train_task("third", task)
 
     class WithEmbedding(TinyNet):
         def __init__(self):
@@ -401,7 +481,7 @@ def test_trainer_rejects_bad_input(tmp_path):
 
 def test_projection_strategies_refuse_several_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
-    for strategy in ("gpm", "cuber"):
+    for strategy in ("gpm", "trgp", "cuber"):
         with pytest.raises(ValueError, match=rf"strategy='{strategy}' runs in one process \(world_size is 2\)"):
             make_trainer(tmp_path, TinyNet(), strategy=strategy)
     make_trainer(tmp_path, TinyNet(), strategy="finetune")  # plain training: DDP syncs it as any Trainer run
@@ -431,9 +511,8 @@ def test_scaled_weight_projection_matches_effective_weight():
 def test_forward_transfer_trains_scales_keeps_old_task_and_resumes(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
-    # epsilon_1 tiny: every old task is strong; epsilon_2 = 1: never positive, so this is pure TRGP (no backward update)
-    config = dict(strategy="cuber", energy_threshold=1.0, epsilon_1=0.01, epsilon_2=1.0, forward_transfer=True,
-                  representation_samples=64, save_state=True)
+    # epsilon_1 tiny: every old task is in the trust region (TRGP: scales, no backward update)
+    config = dict(strategy="trgp", energy_threshold=1.0, epsilon_1=0.01, representation_samples=64, save_state=True)
     trainer = make_trainer(tmp_path, model, **config)
     old, new = low_rank_task(0), low_rank_task(1)
     trainer.train_task("old", old, old)

@@ -127,8 +127,9 @@ def extend_basis(basis: torch.Tensor, cov: torch.Tensor, threshold: float) -> to
 
 @dataclass
 class LayerMemory:
-    """What one layer remembers: the union basis ``M`` of all old tasks (GPM) and, for CUBER, each old task's own
-    basis ``B_j`` and the projection ``g_j B_j`` (``out x r_j``) of its gradient at the end of its training."""
+    """What one layer remembers: the union basis ``M`` of all old tasks (GPM); for TRGP and CUBER each old task's own
+    basis ``B_j`` and the TRGP scales it learnt; for CUBER also its layer gradient ``g_j`` (``out x d``) at the end
+    of its training, which the correlation test (Definition 2) compares whole."""
 
     union: torch.Tensor
     task_bases: list = field(default_factory=list)
@@ -137,8 +138,9 @@ class LayerMemory:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         state = {"union": self.union}
-        for j, (basis, grad) in enumerate(zip(self.task_bases, self.task_grads)):
+        for j, basis in enumerate(self.task_bases):
             state[f"task{j}.basis"] = basis
+        for j, grad in enumerate(self.task_grads):
             state[f"task{j}.grad"] = grad
         for t, scales in enumerate(self.task_scales):
             for j, scale in scales.items():
@@ -155,26 +157,29 @@ class LayerMemory:
 class SubspaceMemory:
     """Bases of every target layer; grows after each task. State is tensors only (``torch.load(weights_only=True)``)."""
 
-    def __init__(self, layer_dims: dict[str, int], keep_task_statistics: bool):
-        self.keep_task_statistics = keep_task_statistics
+    def __init__(self, layer_dims: dict[str, int], keep_task_bases: bool, keep_task_grads: bool = False):
+        if keep_task_grads and not keep_task_bases:
+            raise ValueError("Stored task gradients need the task bases (keep_task_bases=True).")
+        self.keep_task_bases = keep_task_bases
+        self.keep_task_grads = keep_task_grads
         self.layers = {name: LayerMemory(union=torch.zeros(dim, 0)) for name, dim in layer_dims.items()}
         self.num_tasks = 0
 
     def add_task(self, covariances: dict[str, torch.Tensor], thresholds: dict[str, float],
                  grads: dict[str, torch.Tensor] | None = None, scales: dict[str, dict] | None = None) -> None:
-        """Fold one finished task in: extend each union basis; with task statistics, keep ``B_j``, ``g_j B_j`` and
-        the task's TRGP scales ``{old task: Q}`` (if it used forward transfer)."""
+        """Fold one finished task in: extend each union basis; with task bases keep ``B_j`` and the task's TRGP scales
+        ``{old task: Q}`` (if it learnt any); with task gradients also ``g_j``."""
         missing = set(self.layers) - set(covariances)
         if missing:
             raise RuntimeError(f"No representation was recorded for layers {sorted(missing)}: were they used in forward?")
         for name, layer in self.layers.items():
             cov = covariances[name]
             layer.union = extend_basis(layer.union, cov, thresholds[name])
-            if self.keep_task_statistics:
-                basis = basis_from_covariance(cov, thresholds[name])
-                layer.task_bases.append(basis)
-                layer.task_grads.append(weight_matrix(grads[name]).float() @ basis)
+            if self.keep_task_bases:
+                layer.task_bases.append(basis_from_covariance(cov, thresholds[name]))
                 layer.task_scales.append(dict((scales or {}).get(name, {})))
+            if self.keep_task_grads:
+                layer.task_grads.append(weight_matrix(grads[name]).float().clone())
         self.num_tasks += 1
 
     def nbytes(self) -> dict[str, dict[str, int]]:
@@ -200,9 +205,16 @@ class SubspaceMemory:
             if f"{name}/union" not in state:
                 raise KeyError(f"Continual state has no basis for layer {name!r}: was it saved from the same model?")
             layer.union = state[f"{name}/union"].float()
-            count = self.num_tasks if self.keep_task_statistics else 0
+            count = self.num_tasks if self.keep_task_bases else 0
             layer.task_bases = [state[f"{name}/task{j}.basis"].float() for j in range(count)]
-            layer.task_grads = [state[f"{name}/task{j}.grad"].float() for j in range(count)]
+            layer.task_grads = [state[f"{name}/task{j}.grad"].float()
+                                for j in range(self.num_tasks if self.keep_task_grads else 0)]
+            for grad in layer.task_grads:
+                if grad.shape[1] != layer.union.shape[0]:
+                    raise ValueError(
+                        f"Continual state of layer {name!r} stores a task gradient of shape {tuple(grad.shape)}, not "
+                        f"a layer gradient (out x {layer.union.shape[0]}): it was written by an older version that "
+                        "stored g_j B_j. Retrain the sequence (the whole gradient cannot be recovered).")
             layer.task_scales = [
                 {j: state[f"{name}/task{t}.scale{j}"].float() for j in range(t) if f"{name}/task{t}.scale{j}" in state}
                 for t in range(count)

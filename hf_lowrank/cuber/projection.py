@@ -1,39 +1,35 @@
-"""Gradient projection (GPM) and CUBER's layer-wise correlation test and backward-transfer update.
+"""Gradient projection (GPM), TRGP's scaled weight projection and CUBER's regimes (Algorithm 1 of the paper).
 
 CUBER (Lin et al., NeurIPS 2022, arXiv 2211.00789) classifies, per layer ``l`` and old task ``j``, the new task's
-gradient ``g`` (taken single-shot at the start of the task on a sample of its data, and again at each epoch):
+gradient ``g`` taken at the start of the task (the model of the previous task, a sample of the new task's data):
 
-- regime 1, weak: ``||g B_j B_jᵀ|| < ε_1 ||g||`` → the old subspace is protected, as in GPM;
-- regime 2, strong but not positively correlated → protected;
-- regime 3, strong and positively correlated: ``cos(g B_j, g_j B_j) > ε_2``, with ``g_j`` old task ``j``'s
-  gradient stored at the end of its training. To first order an SGD step ``-η g`` restricted to ``S_j`` then
-  *lowers* old task ``j``'s loss by ``η <g B_j, g_j B_j>``, so the update is allowed there: backward transfer.
+- sufficient projection (Definition 1): ``||g B_j B_jᵀ|| >= ε_1 ||g||``;
+- positive correlation (Definition 2): ``<g_j, g> >= ε_2 ||g_j|| ||g||``, with ``g_j`` old task ``j``'s layer
+  gradient stored at the end of its training (``correlation_test="projection"`` compares ``g B_j`` and
+  ``g_j B_j`` instead, our earlier reconstruction).
 
-Source: the paper body (Algorithm 1) was not available to us offline; only its abstract ("sufficient projection"
-and "positive correlation", tested layer-wise) and the code of TRGP, the authors' base, were. The test and the
-update below follow those; every choice we had to make is listed here and covered by ``tests/test_cuber.py``.
+Of the old tasks with sufficient projection, the ``trust_region_size`` with the largest projection (TRGP's trust
+region) are in regime 3 when positively correlated and in regime 2 otherwise; every other old task is in regime 1.
+Regimes 2 and 3 learn TRGP's scale ``Q_j`` (:class:`ScaledWeightProjection`). The gradient of ``W`` loses its
+components in the subspaces of regime-1/2 tasks; regime 3 keeps its component (:class:`LayerProjection`) and the
+loss gets ``λ ||(W − W^{t−1}) B_j B_jᵀ||`` (Eq. 3); a regime-3 task whose condition fails on a step's gradient drops to
+regime 2 for the rest of the task (Algorithm 1, lines 9-12; :class:`BackwardTransfer`).
 
-Choices the paper leaves open (or that we could not check against it), made here (and tested):
+Choices the paper leaves open, made here (and tested in ``tests/test_cuber.py``):
 
-- the allowed subspace ``A`` is the span of the regime-3 bases *minus* the span of every other old task's basis,
-  so protected tasks keep GPM's guarantee even when their subspaces overlap a regime-3 one;
-- the kept component is ``backward_scale · g P_A`` and the rest is projected off the union basis ``M``:
-  ``g' = s·g P_A + (g − g P_A)(I − M Mᵀ)``;
-- optional step guard (``step_guard=True``, off by default): a step whose kept component has
-  ``<g P_A B_j, g_j B_j> < 0`` for some regime-3 task ``j`` (first-order harm) keeps nothing in ``A`` for that step.
-  On the correlated digits sequence it lowered both ACC and BWT (the stored ``g_j`` is a noisy, stale estimate), so
-  the default follows the paper's task-level test (at task start and every epoch) only;
-- ``g_j`` is the gradient of task ``j``'s loss at the end of task ``j``, stored only as its projection ``g_j B_j``
-  (``out x r_j``); the test needs nothing else. By default it is taken on the task's representation sample (training
-  examples); ``gradient_holdout`` takes it on training examples kept out of training instead (after convergence the
-  training-set gradient is near zero and mostly noise);
-- backward transfer can be limited to some layers (``backward_transfer_modules``); a *shared* output head should be
-  left out: every old task's head subspace is then (nearly) the whole feature space (projection ratio >= 0.95 for
-  every old task on the digits sequences, so ``ε_1`` cannot discriminate) and moving it changes every old task's
-  decisions directly. Measured on the mixed-distortion digits sequence (5 seeds): backward transfer at the head
-  only, BWT -8.0; at the hidden layers only, -3.4; at all layers, -4.5; GPM -4.7.
+- "removing the components in the subspaces of regime-1/2 tasks" is done against the union basis ``M`` of all
+  old tasks, as GPM does (the sum of per-task projections would remove overlaps twice); the kept subspace ``A``
+  is the span of the regime-3 bases minus the span of every other old task's basis, so protected tasks keep GPM's
+  guarantee where their subspaces overlap a regime-3 one: ``g' = s·g P_A + (g − g P_A)(I − M Mᵀ)`` with
+  ``s = backward_scale`` (1, the paper);
+- the penalty's gradient ``λ Δ P_j / ||Δ P_j||`` (``Δ = W − W^{t−1}``, ``P_j = B_j B_jᵀ``; zero at ``Δ P_j = 0``) is
+  added to the layer gradient right before the optimizer step, after the demotion test has seen the task loss's own
+  gradient, and after Trainer's gradient clipping (the penalty is not clipped);
+- the per-step test reads one number per (layer, regime-3 task) from the device: one host synchronisation per step,
+  only while some layer has a regime-3 task.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -46,30 +42,61 @@ REGIME_WEAK, REGIME_STRONG, REGIME_POSITIVE = 1, 2, 3
 
 @dataclass
 class Correlation:
-    """Outcome of the test for one (layer, old task) pair."""
+    """Outcome of the two tests for one (layer, old task) pair (before the trust-region selection)."""
 
     projection_ratio: float  # ||g B_j|| / ||g||
-    cosine: float  # cos(g B_j, g_j B_j)
-    regime: int
+    cosine: float  # cos(g, g_j) (or cos(g B_j, g_j B_j)); 0.0 when a gradient is zero
+    regime: int  # WEAK (insufficient projection), STRONG (sufficient, not correlated) or POSITIVE (both)
 
 
-def correlation_test(grad: torch.Tensor, basis: torch.Tensor, old_grad_projection: torch.Tensor,
-                     epsilon_1: float, epsilon_2: float) -> Correlation:
-    """Classify one old task for one layer (see the module docstring). ``grad`` is ``out x d``."""
+def gradient_cosine(grad: torch.Tensor, basis: torch.Tensor, old_grad: torch.Tensor, on: str = "gradient"):
+    """``(cosine, defined)`` between a layer gradient and an old task's stored one, on whole gradients or on their
+    components in the old subspace (``on="projection"``); both are ``out x d`` matrices."""
+    if on == "projection":
+        grad, old_grad = grad @ basis, old_grad @ basis
+    denominator = grad.norm() * old_grad.norm()
+    defined = bool(denominator > 0)
+    return (float((grad * old_grad).sum() / denominator) if defined else 0.0), defined
+
+
+def correlation_test(grad: torch.Tensor, basis: torch.Tensor, old_grad: Optional[torch.Tensor], epsilon_1: float,
+                     epsilon_2: float = 0.0, on: str = "gradient") -> Correlation:
+    """Definitions 1 and 2 for one old task at one layer (see the module docstring). ``grad`` and ``old_grad`` are
+    layer gradients (any shape whose first dim is the output dim); ``basis`` is the old task's ``d x r_j`` basis.
+    Without ``old_grad`` (TRGP) only Definition 1 is tested: a sufficient projection is regime ``STRONG``."""
     grad = weight_matrix(grad).float()
-    in_subspace = grad @ basis.to(grad.device)
+    basis = basis.to(grad.device)
     grad_norm = float(grad.norm())
-    ratio = float(in_subspace.norm()) / grad_norm if grad_norm > 0 else 0.0
-    old = old_grad_projection.to(grad.device)
-    denominator = float(in_subspace.norm() * old.norm())
-    cosine = float((in_subspace * old).sum()) / denominator if denominator > 0 else 0.0
+    ratio = float((grad @ basis).norm()) / grad_norm if grad_norm > 0 else 0.0
+    cosine, defined = 0.0, False
+    if old_grad is not None:
+        cosine, defined = gradient_cosine(grad, basis, weight_matrix(old_grad).to(grad), on)
     if ratio < epsilon_1:
         regime = REGIME_WEAK
-    elif cosine > epsilon_2:
+    elif defined and cosine >= epsilon_2:
         regime = REGIME_POSITIVE
     else:
         regime = REGIME_STRONG
     return Correlation(ratio, cosine, regime)
+
+
+def trust_region(tests: list[Correlation], size: int) -> list[int]:
+    """The old tasks in regimes 2/3: the ``size`` with the largest projection among those with sufficient projection
+    (TRGP's trust region), in decreasing order of projection."""
+    strong = sorted((j for j, t in enumerate(tests) if t.regime != REGIME_WEAK), key=lambda j: -tests[j].projection_ratio)
+    return strong[:size]
+
+
+def assign_regimes(tests: list[Correlation], region: list[int], may_open: bool) -> list[int]:
+    """Regime of every old task: 3 for a positively correlated trust-region task where backward transfer may happen
+    (``may_open``), 2 for the other trust-region tasks, 1 for the rest."""
+    regimes = []
+    for j, test in enumerate(tests):
+        if j not in region:
+            regimes.append(REGIME_WEAK)
+        else:
+            regimes.append(REGIME_POSITIVE if may_open and test.regime == REGIME_POSITIVE else REGIME_STRONG)
+    return regimes
 
 
 def _orthonormal(columns: torch.Tensor, tolerance: float = 1e-3) -> torch.Tensor:
@@ -81,20 +108,18 @@ def _orthonormal(columns: torch.Tensor, tolerance: float = 1e-3) -> torch.Tensor
 
 
 class LayerProjection:
-    """The projection of one layer's gradient during one task."""
+    """The projection of one layer's gradient during one task: GPM's, with the regime-3 subspaces kept open."""
 
-    def __init__(self, memory: LayerMemory, positive_tasks=(), backward_scale: float = 1.0, step_guard: bool = False):
+    def __init__(self, memory: LayerMemory, open_tasks=(), backward_scale: float = 1.0):
         self.union = memory.union
         self.backward_scale = backward_scale
-        self.step_guard = step_guard
-        positive = sorted(set(positive_tasks))
-        protected = [memory.task_bases[j] for j in range(len(memory.task_bases)) if j not in positive]
-        allowed = _orthonormal(torch.cat([memory.task_bases[j] for j in positive], 1)) if positive else None
+        self.open_tasks = sorted(set(open_tasks))
+        protected = [memory.task_bases[j] for j in range(len(memory.task_bases)) if j not in self.open_tasks]
+        allowed = _orthonormal(torch.cat([memory.task_bases[j] for j in self.open_tasks], 1)) if self.open_tasks else None
         if allowed is not None and protected:
             shield = _orthonormal(torch.cat(protected, 1), tolerance=1e-6)
             allowed = _orthonormal(allowed - shield @ (shield.T @ allowed))
         self.allowed = allowed if allowed is not None and allowed.shape[1] > 0 else None
-        self.guards = [(memory.task_bases[j], memory.task_grads[j]) for j in positive]
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         """Projected copy of ``grad`` (any shape whose first dim is the output dim)."""
@@ -104,8 +129,6 @@ class LayerProjection:
         if self.allowed is not None:
             allowed = self.allowed.to(g.device, g.dtype)
             kept = (g @ allowed) @ allowed.T
-            if self.step_guard and any(float(((kept @ b.to(g)) * gj.to(g)).sum()) < 0 for b, gj in self.guards):
-                kept = None
         rest = g if kept is None else g - kept
         out = rest - (rest @ union) @ union.T
         if kept is not None:
@@ -113,29 +136,126 @@ class LayerProjection:
         return out.reshape(grad.shape)
 
 
+class BackwardTransfer:
+    """CUBER's regime 3 during one task: which old tasks are open at each layer, the penalty of Eq. 3 and the
+    per-step demotion test of Eq. 2.
+
+    Args:
+        memory_layers: the layers' :class:`LayerMemory` (bases ``B_j`` and stored gradients ``g_j``).
+        open_tasks: ``{layer: [old task, ...]}`` in regime 3 at the start of the task.
+        start_weights: ``{layer: W^{t−1}}``, the weights the penalty measures the change from.
+        penalty_lambda, epsilon_2, correlation_test: see :class:`~hf_lowrank.cuber.ContinualConfig`.
+    """
+
+    def __init__(self, memory_layers: dict[str, LayerMemory], open_tasks: dict[str, list[int]],
+                 start_weights: dict[str, torch.Tensor], penalty_lambda: float, epsilon_2: float,
+                 correlation_test: str = "gradient"):
+        self.memory_layers = memory_layers
+        self.open_tasks = {name: sorted(tasks) for name, tasks in open_tasks.items() if tasks}
+        self.start_weights = {name: start_weights[name] for name in self.open_tasks}
+        self.penalty_lambda = penalty_lambda
+        self.epsilon_2 = epsilon_2
+        self.correlation_test = correlation_test
+
+    def demote_(self, grads: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+        """Test every open (layer, task) on this step's gradients; close the failing ones and return them."""
+        pairs, cosines = [], []
+        for name, tasks in self.open_tasks.items():
+            if name not in grads:  # no gradient reached this layer on this step: nothing to test
+                continue
+            grad = weight_matrix(grads[name]).float()
+            layer = self.memory_layers[name]
+            for j in tasks:
+                basis = layer.task_bases[j].to(grad.device)
+                old = weight_matrix(layer.task_grads[j]).to(grad)
+                if self.correlation_test == "projection":
+                    g, old = grad @ basis, old @ basis
+                else:
+                    g = grad
+                # cos < epsilon_2 (an undefined cosine fails): <g_j, g> - epsilon_2 ||g_j|| ||g|| < 0 or g = 0
+                margin = (g * old).sum() - self.epsilon_2 * g.norm() * old.norm()
+                cosines.append(torch.where(g.norm() > 0, margin, torch.full_like(margin, -1.0)))
+                pairs.append((name, j))
+        if not pairs:
+            return []
+        failing = [pair for pair, margin in zip(pairs, torch.stack(cosines).tolist()) if margin < 0]
+        for name, j in failing:
+            self.open_tasks[name].remove(j)
+            if not self.open_tasks[name]:
+                del self.open_tasks[name]
+                del self.start_weights[name]
+        return failing
+
+    def _penalty_terms(self, layers: dict[str, nn.Module]):
+        for name, tasks in self.open_tasks.items():
+            weight = layers[name].weight
+            delta = weight_matrix(weight.detach() - self.start_weights[name].to(weight)).float()
+            for j in tasks:
+                basis = self.memory_layers[name].task_bases[j].to(delta.device)
+                yield name, (delta @ basis) @ basis.T
+
+    @torch.no_grad()
+    def add_penalty_grad_(self, layers: dict[str, nn.Module]) -> None:
+        """``grad += λ Σ_j ΔP_j / ||ΔP_j||`` on every layer with open tasks (the gradient of Eq. 3's penalty)."""
+        if not self.penalty_lambda:
+            return
+        for name, moved in self._penalty_terms(layers):
+            weight = layers[name].weight
+            if weight.grad is None:
+                continue
+            unit = moved / moved.norm().clamp_min(torch.finfo(moved.dtype).tiny)
+            weight.grad.add_(unit.reshape(weight.shape).to(weight.grad), alpha=self.penalty_lambda)
+
+    @torch.no_grad()
+    def penalty(self, layers: dict[str, nn.Module]) -> torch.Tensor:
+        """The penalty term of Eq. 3 at the current weights (a 0-dim tensor, for logging)."""
+        terms = [moved.norm() for _, moved in self._penalty_terms(layers)]
+        return self.penalty_lambda * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 class GradientProjection:
     """Projects the gradients of the target layers in place and zeroes frozen parameters' gradients.
 
     Call :meth:`project_` between ``backward()`` and ``optimizer.step()``, or :meth:`attach` it to any torch
     optimizer (a step pre-hook; with ``project_update=True`` also a post-hook projecting the actual update, needed
-    for Adam-type optimizers and weight decay, whose elementwise scaling leaves the allowed subspace).
+    for Adam-type optimizers and weight decay, whose elementwise scaling leaves the allowed subspace). With a
+    :class:`BackwardTransfer` (CUBER), each step first runs the demotion test on the task loss's gradient (if
+    ``demote_every_step``), rebuilding the projection of a layer that lost a regime-3 task, then adds the penalty's
+    gradient; ``demotions`` records ``(step, layer, old task)``.
     """
 
     def __init__(self, layers: dict[str, nn.Module], projections: dict[str, LayerProjection],
-                 frozen: list[nn.Parameter] = (), project_update: bool = False):
+                 frozen: list[nn.Parameter] = (), project_update: bool = False,
+                 backward: "BackwardTransfer | None" = None, demote_every_step: bool = False,
+                 backward_scale: float = 1.0):
         self.layers = layers
         self.projections = projections
         self.frozen = list(frozen)
         self.project_update = project_update
+        self.backward = backward
+        self.demote_every_step = demote_every_step
+        self.backward_scale = backward_scale
+        self.steps = 0
+        self.demotions: list[tuple[int, str, int]] = []
         self._before: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def project_(self) -> None:
+        if self.backward is not None:
+            if self.demote_every_step:
+                grads = {n: m.weight.grad for n, m in self.layers.items() if m.weight.grad is not None}
+                failing = self.backward.demote_({n: g for n, g in grads.items() if n in self.backward.open_tasks})
+                for name in dict.fromkeys(name for name, _ in failing):
+                    self.projections[name] = LayerProjection(
+                        self.backward.memory_layers[name], self.backward.open_tasks.get(name, ()), self.backward_scale)
+                self.demotions += [(self.steps, name, j) for name, j in failing]
+            self.backward.add_penalty_grad_(self.layers)
         for name, module in self.layers.items():
             if module.weight.grad is not None:
                 module.weight.grad.copy_(self.projections[name].project(module.weight.grad))
         for param in self.frozen:
             param.grad = None
+        self.steps += 1
 
     def _pre_step(self, optimizer, args, kwargs):
         self.project_()

@@ -1,13 +1,14 @@
 """``ContinualTrainer``: a ``transformers.Trainer`` that learns a sequence of tasks with finetune / GPM / CUBER.
 
 Each task is one ordinary ``Trainer.train()`` run (``TrainingArguments``, callbacks, logging as usual) with a fresh
-optimizer and scheduler. Around it the trainer (1) before the task, under CUBER, runs the layer-wise correlation
-test and builds each layer's projection, (2) projects gradients right before every optimizer step (a step hook,
-so any torch optimizer works), (3) after the task folds the layer inputs of a sample of the task's training data
-into the per-layer bases (only ``d x d`` covariances, never the examples) and (4) evaluates every task seen so far
-into the accuracy matrix ``R``. Old tasks' evaluation sets are referenced for ``R`` only, never trained on.
-With ``forward_transfer=True`` (CUBER) the layers also carry TRGP's learnable scales on the trust-region old
-tasks' frozen weights during the task; they are stored with the task and applied again whenever it is evaluated.
+optimizer and scheduler. Around it the trainer (1) before the task, under TRGP/CUBER, tests every (layer, old task)
+on the new task's gradient at the old model and assigns its regime (see ``projection``), (2) during the task
+carries TRGP's learnable scales on the regime-2/3 old tasks (forward hooks; stored with the task and applied again
+whenever it is evaluated) and, right before every optimizer step (a step hook, so any torch optimizer works),
+runs CUBER's demotion test, adds the penalty's gradient and projects the gradients, (3) after the task folds the
+layer inputs of a sample of the task's training data into the per-layer bases (only ``d x d`` covariances, never the
+examples) and, for CUBER, stores the task's layer gradients, and (4) evaluates every task seen so far into the
+accuracy matrix ``R``. Old tasks' evaluation sets are referenced for ``R`` only, never trained on.
 """
 import inspect
 import os
@@ -24,11 +25,15 @@ from .memory import RepresentationRecorder, SubspaceMemory, find_projectable_lay
 from .metrics import AccuracyMatrix
 from .projection import (
     REGIME_POSITIVE,
+    REGIME_STRONG,
     REGIME_WEAK,
+    BackwardTransfer,
     GradientProjection,
     LayerProjection,
     ScaledWeightProjection,
+    assign_regimes,
     correlation_test,
+    trust_region,
 )
 from ..utils.targets import module_matches
 
@@ -45,14 +50,14 @@ def _subset(dataset, indices: list[int]):
 
 
 class _EpochCorrelationCheck(TrainerCallback):
-    """CUBER re-tests the correlation at the start of every epoch after the first."""
+    """``demotion="epoch"``: CUBER re-tests the correlation at the start of every epoch after the first."""
 
     def __init__(self, trainer: "ContinualTrainer"):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if state.epoch and state.epoch > 0:
-            self.trainer._refresh_projection()
+            self.trainer._assign_regimes(retest=True)
 
 
 class ContinualTrainer(Trainer):
@@ -91,7 +96,8 @@ class ContinualTrainer(Trainer):
         )
         self.memory = SubspaceMemory(
             {name: weight_matrix(m.weight).shape[1] for name, m in self.target_layers.items()},
-            keep_task_statistics=config.strategy == "cuber",
+            keep_task_bases=config.strategy in ("trgp", "cuber"),
+            keep_task_grads=config.strategy == "cuber",
         )
         self.backward_layers = self._backward_transfer_layers()
         self.accuracy = AccuracyMatrix()
@@ -102,8 +108,9 @@ class ContinualTrainer(Trainer):
         self._sample = None
         self._hook_handles = []
         self._scaled: ScaledWeightProjection | None = None
-        self._positives: dict[str, list[int]] = {}
-        if config.strategy == "cuber" and config.recheck_every_epoch:
+        self._trust_regions: dict[str, list[int]] = {}
+        self._task_start_weights: dict[str, torch.Tensor] = {}
+        if config.strategy == "cuber" and config.demotion == "epoch":
             self.add_callback(_EpochCorrelationCheck(self))
 
     # ------------------------------------------------------------------ public API
@@ -113,8 +120,7 @@ class ContinualTrainer(Trainer):
 
     def train_task(self, task_id, train_dataset, eval_dataset=None) -> list[float]:
         """Train one task, update the memory, evaluate all tasks seen so far; returns the new row of ``R``."""
-        if task_id in self.accuracy.task_ids:
-            raise ValueError(f"Task id {task_id!r} was already trained; every task needs a new id.")
+        self._check_task_id(task_id)
         if not hasattr(train_dataset, "__len__"):
             raise TypeError(f"`train_dataset` of task {task_id!r} must be map-style (have a length).")
         if len(train_dataset) == 0:
@@ -123,6 +129,8 @@ class ContinualTrainer(Trainer):
             raise ValueError(f"`eval_dataset` of task {task_id!r} is empty; pass None to skip its evaluation.")
         config = self.continual_config
         index = len(self.accuracy.task_ids)
+        if config.head == "multi":
+            self._check_head_count(index)
         seed = self.args.seed + index
         set_seed(seed)
         self._task_index = index
@@ -131,18 +139,21 @@ class ContinualTrainer(Trainer):
         self.optimizer, self.lr_scheduler = None, None
         self._sample = self._sample_loader(train_dataset, seed=seed)
         self._projection = None
+        scale_handles = []
         if config.strategy != "finetune" and index > 0:
             self._projection = GradientProjection(
-                self.target_layers, {}, frozen=self._frozen_parameters(), project_update=config.project_update
+                self.target_layers, {}, frozen=self._frozen_parameters(), project_update=config.project_update,
+                demote_every_step=config.strategy == "cuber" and config.demotion == "step",
+                backward_scale=config.backward_scale,
             )
-            self._refresh_projection()
-        scale_handles = []
-        if config.forward_transfer and index > 0:
-            self._scaled = ScaledWeightProjection.identity(self.memory.layers, self._trust_regions(), self.args.device)
-            scale_handles = self._scaled.attach(self.target_layers)
-            self._build_layer_projections()
+            self._assign_regimes(retest=False)
+            if self._scaled is not None:
+                scale_handles = self._scaled.attach(self.target_layers)
         try:
             self.train()
+            if self._projection is not None and self._projection.demotions:
+                self.correlation_history[-1]["demotions"] = [
+                    {"step": step, "layer": name, "old_task": j} for step, name, j in self._projection.demotions]
             if config.strategy != "finetune":
                 covariances, grads = self._sample_statistics(
                     record=True, need_grads=config.strategy == "cuber" and gradient_dataset is None)
@@ -156,7 +167,7 @@ class ContinualTrainer(Trainer):
         finally:
             for handle in self._hook_handles + scale_handles:
                 handle.remove()
-            self._hook_handles, self._scaled = [], None
+            self._hook_handles, self._scaled, self._task_start_weights = [], None, {}
         self._sample = None
         self._eval_sets[task_id] = eval_dataset
         row = [self._task_accuracy(j, t) for j, t in enumerate(self.accuracy.task_ids + [task_id])]
@@ -185,7 +196,8 @@ class ContinualTrainer(Trainer):
         return self.accuracy
 
     def memory_bytes(self) -> dict[str, dict[str, int]]:
-        """Bytes held per layer: union basis, per-task bases and stored gradient projections (CUBER)."""
+        """Bytes held per layer: union basis, per-task bases and TRGP scales (TRGP, CUBER), stored layer gradients
+        (CUBER)."""
         return self.memory.nbytes()
 
     def save_continual_checkpoint(self, directory: str) -> None:
@@ -231,6 +243,37 @@ class ContinualTrainer(Trainer):
         return inputs
 
     # ------------------------------------------------------------------ internals
+    def _check_task_id(self, task_id) -> None:
+        """Task ids key the accuracy matrix, the logs (``continual/acc_<id>``) and the JSON: they must be hashable,
+        not None, new, and distinct from every earlier id also once converted to text."""
+        if task_id is None:
+            raise ValueError("Task id None is not allowed: give every task an id (an int or a string).")
+        try:
+            hash(task_id)
+        except TypeError:
+            raise TypeError(f"Task id {task_id!r} ({type(task_id).__name__}) is not hashable; use an int or a string."
+                            ) from None
+        if task_id in self.accuracy.task_ids:
+            raise ValueError(f"Task id {task_id!r} was already trained; every task needs a new id.")
+        clash = [t for t in self.accuracy.task_ids if str(t) == str(task_id)]
+        if clash:
+            raise ValueError(f"Task id {task_id!r} collides with the earlier id {clash[0]!r} once written as text (logs "
+                             "and JSON keys); rename one of them.")
+
+    def _check_head_count(self, index: int) -> None:
+        """Multi-head: task ``index`` is passed as the head index, so the model needs more than ``index`` heads."""
+        patterns = self.continual_config.head_modules
+        matched = [(n, m) for n, m in self.model.named_modules() if n and module_matches(n, patterns)]
+        top = [(n, m) for n, m in matched if not any(n.startswith(other + ".") for other, _ in matched)]
+        if len(top) == 1 and isinstance(top[0][1], (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            count = len(top[0][1])
+        else:
+            count = len(top)
+        if index >= count:
+            raise ValueError(
+                f"Task {index} (0-based) needs head {index}, but `head_modules`={patterns!r} matches {count} head(s) "
+                f"in {type(self.model).__name__}; build the model with at least {index + 1} heads.")
+
     def _check_task_kwarg(self) -> None:
         parameters = inspect.signature(self.model.forward).parameters
         name = self.continual_config.task_kwarg
@@ -315,54 +358,73 @@ class ContinualTrainer(Trainer):
         named_grads = dict(zip(self.target_layers, grads)) if need_grads else None
         return recorder.covariances, named_grads
 
-    def _refresh_projection(self) -> None:
-        """(Re)build every layer's projection; under CUBER run the correlation test at the current weights."""
-        if self._projection is None:
-            return
-        config = self.continual_config
-        positives = {name: [] for name in self.target_layers}
-        if config.strategy == "cuber":
-            _, grads = self._sample_statistics(record=False)
-            record = {"task_index": self._task_index, "layers": {}}
-            for name, layer in self.memory.layers.items():
-                tests = [
-                    correlation_test(grads[name], basis, old_grad, config.epsilon_1, config.epsilon_2)
-                    for basis, old_grad in zip(layer.task_bases, layer.task_grads)
-                ]
-                if name in self.backward_layers:
-                    positives[name] = [j for j, t in enumerate(tests) if t.regime == REGIME_POSITIVE]
-                record["layers"][name] = [
-                    {"old_task": j, "ratio": t.projection_ratio, "cosine": t.cosine, "regime": t.regime}
-                    for j, t in enumerate(tests)
-                ]
-            self.correlation_history.append(record)
-            logger.info(f"CUBER task {self._task_index}: positively correlated old tasks per layer {positives}")
-        self._positives = positives
-        self._build_layer_projections()
+    def _assign_regimes(self, retest: bool) -> None:
+        """Test every (layer, old task) at the current weights and build the task's projections (and, at the start
+        of a task, its TRGP scales and regime-3 bookkeeping).
 
-    def _build_layer_projections(self) -> None:
-        """Layer projections from the latest test. Old tasks reused through TRGP scales keep ``W B_j`` frozen (as in
-        TRGP): moving it as well would be amplified by the scale, which diverged in our digits runs."""
+        At the start (``retest=False``) the trust region of each layer is fixed: the ``trust_region_size`` old tasks
+        with the largest projection among those passing Definition 1. A re-test (``demotion="epoch"``) only moves
+        trust-region tasks between regimes 2 and 3."""
         config = self.continual_config
-        scaled = self._scaled.scales if self._scaled is not None else {}
+        names = list(self.target_layers)
+        record = {"task_index": self._task_index, "layers": {}}
+        open_tasks = {name: [] for name in names}
+        if config.strategy in ("trgp", "cuber"):
+            _, grads = self._sample_statistics(record=False)
+            for name in names:
+                layer = self.memory.layers[name]
+                old_grads = layer.task_grads if config.strategy == "cuber" else [None] * len(layer.task_bases)
+                tests = [
+                    correlation_test(grads[name], basis, old, config.epsilon_1, config.epsilon_2,
+                                     on=config.correlation_test)
+                    for basis, old in zip(layer.task_bases, old_grads)
+                ]
+                if not retest:
+                    self._trust_regions[name] = trust_region(tests, config.trust_region_size)
+                regimes = assign_regimes(tests, self._trust_regions[name],
+                                         may_open=config.strategy == "cuber" and name in self.backward_layers)
+                open_tasks[name] = [j for j, regime in enumerate(regimes) if regime == REGIME_POSITIVE]
+                rows = []
+                for j, (t, regime) in enumerate(zip(tests, regimes)):
+                    row = {"old_task": j, "ratio": t.projection_ratio, "sufficient": t.regime != REGIME_WEAK,
+                           "regime": regime}
+                    if config.strategy == "cuber":
+                        row.update(cosine=t.cosine, correlated=t.regime == REGIME_POSITIVE)
+                    rows.append(row)
+                record["layers"][name] = rows
+            logger.info(f"{config.strategy} task {self._task_index}: regime-3 old tasks per layer {open_tasks}")
+        else:
+            record["layers"] = {name: [{"old_task": j, "regime": REGIME_WEAK} for j in range(self.memory.num_tasks)]
+                                for name in names}
+        self.correlation_history.append(record)
+        if not retest and config.uses_scales:
+            self._scaled = ScaledWeightProjection.identity(self.memory.layers, self._trust_regions, self.args.device)
+        backward = None
+        if config.strategy == "cuber":
+            if not retest:  # W^{t-1}, what the penalty measures the change from
+                self._task_start_weights = {n: self.target_layers[n].weight.detach().clone() for n in names}
+            backward = BackwardTransfer(self.memory.layers, open_tasks, self._task_start_weights, config.penalty_lambda,
+                                        config.epsilon_2, config.correlation_test)
+        self._projection.backward = backward
         self._projection.projections = {
-            name: LayerProjection(
-                self.memory.layers[name],
-                [j for j in self._positives[name] if j not in scaled.get(name, {})],
-                config.backward_scale,
-                config.step_guard,
-            )
-            for name in self.target_layers
+            name: LayerProjection(self.memory.layers[name], open_tasks[name], config.backward_scale) for name in names
         }
 
-    def _trust_regions(self) -> dict[str, list[int]]:
-        """Per layer, the ``trust_region_size`` strongly related old tasks with the largest projection ratio."""
-        latest = self.correlation_history[-1]["layers"]
-        regions = {}
-        for name, tests in latest.items():
-            strong = sorted((t for t in tests if t["regime"] != REGIME_WEAK), key=lambda t: -t["ratio"])
-            regions[name] = [t["old_task"] for t in strong[: self.continual_config.trust_region_size]]
-        return regions
+    def regime_counts(self) -> list[dict[str, dict[int, int]]]:
+        """Per task after the first: ``{layer: {regime: number of old tasks}}`` as assigned at the start of the task,
+        with the step demotions (regime 3 → 2) applied."""
+        counts = []
+        for record in self.correlation_history:
+            demoted = {(d["layer"], d["old_task"]) for d in record.get("demotions", [])}
+            per_layer = {}
+            for name, rows in record["layers"].items():
+                tally = {REGIME_WEAK: 0, REGIME_STRONG: 0, REGIME_POSITIVE: 0}
+                for row in rows:
+                    regime = REGIME_STRONG if (name, row["old_task"]) in demoted else row["regime"]
+                    tally[regime] += 1
+                per_layer[name] = tally
+            counts.append(per_layer)
+        return counts
 
     def _task_accuracy(self, task_index: int, task_id) -> float:
         dataset = self._eval_sets.get(task_id)
