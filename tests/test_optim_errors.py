@@ -98,6 +98,11 @@ def test_galore_8bit_without_bitsandbytes_names_the_extra(model, monkeypatch):
         create_optimizer(model, "galore_8bit")
 
 
+def test_8bit_block_size_other_than_the_fused_kernels_is_refused(model):
+    with pytest.raises(ValueError, match=r"`block_size`=128.*pass block_size=256"):
+        create_optimizer(model, "galore_8bit", block_size=128)
+
+
 def poison(model, name, value=float("nan")):
     dict(model.named_parameters())[name].grad[0, 0] = value
 

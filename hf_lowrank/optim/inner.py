@@ -16,6 +16,8 @@ exactly unchanged / zero, decided on the device: no host synchronisation. The bi
 import math
 
 import torch
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..utils import require
 
@@ -50,9 +52,17 @@ class InnerOptimizer:
 
 class AdamW(InnerOptimizer):
     """AdamW exactly as galore-torch (and the paper) writes it: ``eps`` is added to ``sqrt(v)`` and the bias
-    correction is folded into the step size, ``lr * sqrt(1 - b2^t) / (1 - b1^t)``. Batched with foreach ops."""
+    correction is folded into the step size, ``lr * sqrt(1 - b2^t) / (1 - b1^t)``.
+
+    Runs torch's fused AdamW kernel (``torch._fused_adamw_``: one kernel per device, dtype and step count,
+    grouped with ``torch.utils._foreach_utils``) wherever torch has one, else the same math in foreach ops.
+    torch's kernel adds ``eps`` to ``sqrt(v / (1 - b2^t))``; passing ``eps / sqrt(1 - b2^t)`` makes it the formula
+    above. A low-rank step is written into a zeroed buffer with ``-lr`` (the kernel's ``p -= lr * m / denom``
+    then leaves the step itself); a skipped step is the kernel's ``found_inf``, so moments stay bit-identical.
+    """
 
     name = "adamw"
+    fused_devices = tuple(_get_fused_kernels_supported_devices())
 
     def init_state(self, state, shape, like, group):
         state["moment_step"] = 0
@@ -63,11 +73,8 @@ class AdamW(InnerOptimizer):
     def _step_sizes(states, group, oks):
         """``ok * lr * sqrt(1 - b2^t) / (1 - b1^t)`` per state, as device tensors (0 for a skipped step)."""
         beta1, beta2 = group["betas"]
-        sizes = []
-        for state in states:
-            state["moment_step"] += 1
-            t = state["moment_step"]
-            sizes.append(group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+        sizes = [group["lr"] * math.sqrt(1.0 - beta2 ** s["moment_step"]) / (1.0 - beta1 ** s["moment_step"])
+                 for s in states]
         return torch._foreach_mul(oks, sizes)
 
     @staticmethod
@@ -76,12 +83,11 @@ class AdamW(InnerOptimizer):
         beta1, beta2 = group["betas"]
         return torch._foreach_mul(oks, 1.0 - beta1), [torch.where(ok > 0, beta2, 1.0) for ok in oks]
 
-    def _advance(self, states, grads, group, oks):
-        """Update the moments; return ``(exp_avgs, (sqrt(v) + eps) / step size)``."""
+    def _foreach(self, params, states, grads, group, oks, sign):
+        """The update in foreach ops (devices without torch's fused kernel): ``params += sign * step``."""
         beta2 = group["betas"][1]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]  # e.g. after a load
         first_weights, second_decays = self._masked_betas(group, oks)
         torch._foreach_lerp_(exp_avgs, grads, first_weights)
         torch._foreach_mul_(exp_avg_sqs, second_decays)
@@ -89,15 +95,58 @@ class AdamW(InnerOptimizer):
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denoms, group["eps"])
         torch._foreach_div_(denoms, self._step_sizes(states, group, oks))  # a skipped step: inf, so m / inf = 0
-        return exp_avgs, denoms
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=sign)
+
+    def _fused(self, params, states, grads, group, oks, sign):
+        """``params += sign * step`` through torch's fused AdamW, one call per (device, dtype, step, flag)."""
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        by_device = _group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs], with_indices=True)
+        for (device, _), (_, indices) in by_device.items():
+            calls: dict = {}
+            for i in indices:  # one call per step count (the bias correction) and skip flag
+                calls.setdefault((states[i]["moment_step"], id(oks[i])), []).append(i)
+            for (t, _), members in calls.items():
+                pick = lambda items: [items[i] for i in members]  # noqa: E731
+                step = torch.full((), float(t), dtype=torch.float32, device=device)
+                torch._fused_adamw_(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), [],
+                                    [step] * len(members), lr=-sign * lr, beta1=beta1, beta2=beta2,
+                                    weight_decay=0.0, eps=group["eps"] / math.sqrt(1.0 - beta2**t), amsgrad=False,
+                                    maximize=False, found_inf=1.0 - oks[members[0]])
+
+    def _run(self, params, states, grads, group, oks, sign):
+        grads = [g if g.dtype == s["exp_avg"].dtype else g.to(s["exp_avg"].dtype)  # e.g. after a load
+                 for g, s in zip(grads, states)]
+        for state in states:
+            state["moment_step"] += 1
+        fused = [i for i, p in enumerate(params) if p.device.type in self.fused_devices]
+        other = [i for i in range(len(params)) if i not in set(fused)]
+        for members, run in ((fused, self._fused), (other, self._foreach)):
+            if members:
+                pick = lambda items: [items[i] for i in members]  # noqa: E731
+                run(pick(params), pick(states), pick(grads), group, pick(oks), sign)
 
     def update(self, states, grads, group, oks):
-        exp_avgs, denoms = self._advance(states, grads, group, oks)
-        return torch._foreach_div(exp_avgs, denoms)
+        steps = [torch.zeros(g.shape, dtype=_step_dtype(s, g), device=g.device) for s, g in zip(states, grads)]
+        self._run(steps, states, grads, group, oks, sign=1.0)
+        return steps
 
     def apply(self, params, states, grads, group, oks):
-        exp_avgs, denoms = self._advance(states, grads, group, oks)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-1.0)
+        """In place where the parameter has its moments' dtype; otherwise (fp32 moments loaded into a bf16
+        model) through a step buffer, since the kernels take one dtype per call."""
+        mixed = [i for i, (p, s) in enumerate(zip(params, states))
+                 if s["exp_avg"].dtype.is_floating_point and p.dtype != s["exp_avg"].dtype]
+        same = [i for i in range(len(params)) if i not in set(mixed)]
+        for members, in_place in ((same, True), (mixed, False)):
+            if members:
+                pick = lambda items: [items[i] for i in members]  # noqa: E731
+                if in_place:
+                    self._run(pick(params), pick(states), pick(grads), group, pick(oks), sign=-1.0)
+                else:
+                    steps = self.update(pick(states), pick(grads), group, pick(oks))
+                    torch._foreach_sub_(pick(params), [s.to(p.dtype) for s, p in zip(steps, pick(params))])
 
     def moments(self, state, group):
         return state["exp_avg"], state["exp_avg_sq"]
@@ -107,16 +156,21 @@ class AdamW(InnerOptimizer):
 
 
 class AdamW8bit(AdamW):
-    """AdamW with block-wise 8-bit moments (Dettmers et al. 2022) via ``bitsandbytes.functional``.
+    """AdamW with block-wise 8-bit moments (Dettmers et al. 2022) through bitsandbytes' fused update.
 
-    Each moment is a ``uint8`` tensor of dynamic-tree codes plus one fp32 ``absmax`` per ``block_size`` values
-    (signed code for the first moment, unsigned for the second, as bitsandbytes' 8-bit Adam). A step dequantizes,
-    runs the fp32 AdamW math above and re-quantizes. Tensors with fewer than ``min_8bit_size`` elements keep
-    fp32 moments, as bitsandbytes does.
+    Each moment is a ``uint8`` tensor of dynamic-tree codes plus one fp32 ``absmax`` per 256 values (signed code
+    for the first moment, unsigned for the second, as bitsandbytes' 8-bit Adam). A step is one
+    ``bitsandbytes.functional.optimizer_update_8bit_blockwise`` call per tensor, in place on the codes and
+    absmax (on CUDA one kernel, no fp32 copy of the moments; bitsandbytes' CPU backend dequantizes inside, as
+    fast as dequantize + fp32 math + requantize here: ``benchmarks/step_time.py``). As for torch's kernel,
+    ``eps / sqrt(1 - b2^t)`` and ``-lr`` on a zeroed buffer give galore-torch's formula and the step itself. A
+    skipped step restores the saved codes and absmax (uint8 / per-block copies). Tensors with fewer than
+    ``min_8bit_size`` elements keep fp32 moments, as bitsandbytes does.
     """
 
     name = "adamw8bit"
     options = {"min_8bit_size": 4096, "block_size": 256}
+    BLOCK_SIZE = 256  # bitsandbytes' fused 8-bit optimizer kernels work on blocks of 256
     _QUANTIZED_KEYS = ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax")
     _codes: dict = {}
 
@@ -137,64 +191,68 @@ class AdamW8bit(AdamW):
         if math.prod(shape) < group["min_8bit_size"]:
             return super().init_state(state, shape, like, group)
         state["moment_step"] = 0
-        blocks = -(-math.prod(shape) // group["block_size"])
+        blocks = -(-math.prod(shape) // self.BLOCK_SIZE)
         for key in ("exp_avg", "exp_avg_sq"):
             # All-zero codes with a zero absmax dequantize to exactly 0.
             state[key] = torch.zeros(shape, dtype=torch.uint8, device=like.device)
             state[key + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
 
-    def _dequantize(self, state, key, signed, block_size):
-        return self._functional().dequantize_blockwise(
-            state[key], absmax=state[key + "_absmax"], code=self._code(signed, state[key].device), blocksize=block_size
-        )
-
-    def _quantize(self, state, key, value, signed, block_size):
-        codes, quant_state = self._functional().quantize_blockwise(
-            value, code=self._code(signed, value.device), blocksize=block_size
-        )
-        state[key], state[key + "_absmax"] = codes, quant_state.absmax
-
-    apply = InnerOptimizer.apply  # 8-bit moments are not foreach-able: no fused path
-
-    def update(self, states, grads, group, oks):
+    def _run(self, params, states, grads, group, oks, sign):
         quantized = [i for i, s in enumerate(states) if "exp_avg_absmax" in s]
-        if not quantized:
-            return super().update(states, grads, group, oks)
-        plain = [i for i in range(len(states)) if "exp_avg_absmax" not in states[i]]
-        steps: list = [None] * len(states)
+        plain = [i for i in range(len(states)) if i not in set(quantized)]
         if plain:
             pick = lambda items: [items[i] for i in plain]  # noqa: E731
-            for i, step in zip(plain, super().update(pick(states), pick(grads), group, pick(oks))):
-                steps[i] = step
-        beta2 = group["betas"][1]
-        q_oks = [oks[i] for i in quantized]
-        sizes = self._step_sizes([states[i] for i in quantized], group, q_oks)
-        first_weights, second_decays = self._masked_betas(group, q_oks)
-        for i, step_size, first_weight, second_decay in zip(quantized, sizes, first_weights, second_decays):
-            state, grad = states[i], grads[i].float()
-            exp_avg, exp_avg_sq = self.moments(state, group)
-            exp_avg.lerp_(grad, first_weight)
-            exp_avg_sq.mul_(second_decay).addcmul_(grad, grad, value=1.0 - beta2)
-            steps[i] = (exp_avg / exp_avg_sq.sqrt().add_(group["eps"])).mul_(step_size).to(grads[i].dtype)
-            previous = {key: state[key] for key in self._QUANTIZED_KEYS}
-            self.set_moments(state, exp_avg, exp_avg_sq, group)
-            for key, value in previous.items():  # re-quantising unchanged moments may move absmax by an ulp
-                state[key] = torch.where(oks[i] > 0, state[key], value)
-        return steps
+            super()._run(pick(params), pick(states), pick(grads), group, pick(oks), sign)
+        beta1, beta2 = group["betas"]
+        for i in quantized:
+            state, grad, ok = states[i], grads[i], oks[i]
+            state["moment_step"] += 1
+            t = state["moment_step"]
+            saved = [state[key].clone() for key in self._QUANTIZED_KEYS]
+            # the step is written into a zeroed buffer (update: the caller's; apply: one per plain tensor, so a
+            # skipped step leaves the parameter untouched)
+            target = params[i] if sign > 0 else torch.zeros_like(params[i])
+            grad = grad if grad.dtype == target.dtype else grad.to(target.dtype)
+            lr = float(group["lr"])  # bitsandbytes takes a host number (a tensor lr is read once per step here)
+            self._functional().optimizer_update_8bit_blockwise(
+                "adam", grad, target, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, 0.0, 0.0,
+                group["eps"] / math.sqrt(1.0 - beta2**t), t, -lr, self._code(True, grad.device),
+                self._code(False, grad.device), state["exp_avg_absmax"], state["exp_avg_sq_absmax"],
+                weight_decay=0.0)
+            for key, previous in zip(self._QUANTIZED_KEYS, saved):
+                torch.where(ok > 0, state[key], previous, out=state[key])
+            if sign > 0:
+                target.mul_(ok)
+            else:
+                params[i].add_(target.mul_(ok), alpha=-1.0)
 
     def moments(self, state, group):
         if "exp_avg_absmax" not in state:
             return super().moments(state, group)
-        block_size = group["block_size"]
-        return (self._dequantize(state, "exp_avg", True, block_size),
-                self._dequantize(state, "exp_avg_sq", False, block_size))
+        return self._dequantize(state, "exp_avg", True), self._dequantize(state, "exp_avg_sq", False)
 
     def set_moments(self, state, first, second, group):
         if "exp_avg_absmax" not in state:
             return super().set_moments(state, first, second, group)
-        block_size = group["block_size"]
-        self._quantize(state, "exp_avg", first, True, block_size)
-        self._quantize(state, "exp_avg_sq", second.clamp_min(0), False, block_size)
+        self._quantize(state, "exp_avg", first, True)
+        self._quantize(state, "exp_avg_sq", second.clamp_min(0), False)
+
+    def _dequantize(self, state, key, signed):
+        return self._functional().dequantize_blockwise(
+            state[key], absmax=state[key + "_absmax"], code=self._code(signed, state[key].device),
+            blocksize=self.BLOCK_SIZE)
+
+    def _quantize(self, state, key, value, signed):
+        """Quantize ``value`` into the existing codes and absmax of ``state[key]``."""
+        self._functional().quantize_blockwise(value, code=self._code(signed, value.device),
+                                              absmax=state[key + "_absmax"], out=state[key],
+                                              blocksize=self.BLOCK_SIZE)
+
+
+def _step_dtype(state: dict, grad: torch.Tensor) -> torch.dtype:
+    """The dtype a step is computed in: the moments' (fp32 / bf16 ...), the gradient's for 8-bit moments."""
+    dtype = state["exp_avg"].dtype
+    return dtype if dtype.is_floating_point else grad.dtype
 
 
 class Adafactor(InnerOptimizer):

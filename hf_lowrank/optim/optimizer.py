@@ -74,6 +74,10 @@ def _validate_group(group: dict) -> None:
     inner = get_inner(group["inner"])
     if inner.name == "adamw8bit":
         inner._functional()  # ImportError naming the [bnb] extra when bitsandbytes is missing
+        if group["block_size"] != inner.BLOCK_SIZE:
+            raise ValueError(f"`block_size`={group['block_size']!r}: the 8-bit moments are updated by bitsandbytes' "
+                             f"fused kernel, which works on blocks of {inner.BLOCK_SIZE}; pass "
+                             f"block_size={inner.BLOCK_SIZE} (the default) or leave it out.")
     for key in ("lr", "weight_decay", "eps"):
         if not (_is_number(group[key]) or (key == "lr" and isinstance(group[key], torch.Tensor))):
             raise TypeError(f"`{key}` must be a number, got {type(group[key]).__name__} {group[key]!r}"
@@ -513,7 +517,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         pass; under FSDP2 the flags are agreed over the ranks, so every rank skips the same steps."""
         grads = [dist_driver.local(p.grad) for p in params]
         if _without_data(grads[0]):
-            return [torch.ones((), device=grads[0].device) for _ in params]
+            return [torch.ones((), device=grads[0].device)] * len(params)
         norms = torch._foreach_norm(grads)  # 2-norm: one cheap pass (inf-norm is ~7x slower)
         device = grads[0].device
         bad = torch.stack([(~torch.isfinite(n)).to(device) for n in norms]).float()
@@ -527,7 +531,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 names = [self._name(p, self._group_of(p)) for p, b in zip(params, bad.tolist()) if b]
                 raise FloatingPointError(f"Non-finite gradient in {names}; pass nonfinite='skip_step' to skip such "
                                          "steps (or 'skip_param' to skip only those parameters).")
-            return list(torch.ones(len(params), device=device).unbind())
+            return [torch.ones((), device=device)] * len(params)  # one flag object: one fused call per group
         if policy == "skip_step":
             skip = bad.max()
             self._skipped_steps = skip if self._skipped_steps is None else self._skipped_steps + skip
