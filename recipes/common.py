@@ -51,6 +51,11 @@ LORA_MODE = "lora"
 # Layer-sampling arms: (sampling, optimizer mode inside the gamma sampled blocks): OwLore samples by outlier ratio
 # and trains with GaLore; LISA samples uniformly and trains with AdamW.
 LAYER_SAMPLING_MODES = {"owlore": ("owl", "galore"), "lisa": ("uniform", "adamw")}
+# Tuner arms (hf_lowrank.tuners), which change the model before it trains: GradNormLoRP reparameterises the targeted
+# linears as m * V/|V| and projects V's gradients (rank/update_proj_gap/scale/proj_type); WeLore compresses them
+# (welore_rank_reduction) and trains only the low-rank factors with AdamW. Both also train the task head in full.
+TUNER_MODES = ("gradnormlorp", "welore")
+TASK_HEADS = ("classifier", "score")  # sequence-classification heads of BERT-style and decoder models
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -115,6 +120,9 @@ class RecipeConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (mode=lora)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (mode=lora)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (mode=lora)."})
+    # WeLore arm (mode=welore).
+    welore_rank_reduction: float = field(default=0.5, metadata={
+        "help": "mode=welore: effective rank reduction rho of the targeted linears (0.5 = half of all ranks)."})
     # Training loop.
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 uses num_train_epochs."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is -1."})
@@ -407,7 +415,7 @@ def available_modes() -> list[str]:
     """Every mode a recipe accepts: the registered optimizer modes plus the PEFT LoRA comparison arm."""
     from hf_lowrank.optim import available_modes as optim_modes
 
-    return sorted(set(optim_modes()) | {LORA_MODE} | set(LAYER_SAMPLING_MODES))
+    return sorted(set(optim_modes()) | {LORA_MODE} | set(LAYER_SAMPLING_MODES) | set(TUNER_MODES))
 
 
 def check_mode(mode: str) -> None:
@@ -444,6 +452,8 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
     if cfg.mode == LORA_MODE:
         model = apply_lora(model, cfg, task_type)
         return model, optimizer_factory("adamw", **common)
+    if cfg.mode in TUNER_MODES:
+        return model, apply_tuner(model, cfg, task_type).optimizer_cls_and_kwargs(**common)
     if cfg.mode in LAYER_SAMPLING_MODES:  # the optimizer holds every block; the callback freezes all but gamma
         from hf_lowrank.owlore import unfreeze_all_blocks
 
@@ -465,6 +475,34 @@ def build_optimizer(model, cfg: RecipeConfig, task_type: Optional[str] = None):
         **cfg.mode_options,
     )
     return model, spec
+
+
+def apply_tuner(model, cfg: RecipeConfig, task_type: Optional[str] = None):
+    """Change `model` in place for mode=gradnormlorp / mode=welore and return the tuner wrapping it (its
+    ``optimizer_cls_and_kwargs`` builds the optimizer over what the tuner left trainable). With a
+    sequence-classification `task_type` the new task head is trained in full, as PEFT does for LoRA."""
+    heads = [name for name in TASK_HEADS if task_type == "SEQ_CLS" and hasattr(model, name)]
+    if cfg.mode == "gradnormlorp":
+        from hf_lowrank.gradnormlorp import GradNormLoRPConfig, reparameterize_model
+
+        config = GradNormLoRPConfig(target_modules=cfg.target_modules, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
+                                    scale=cfg.scale, proj_type=cfg.proj_type, modules_to_save=heads)
+        return reparameterize_model(model, config)
+    from hf_lowrank.welore import WeLoreConfig, compress
+
+    return compress(model, WeLoreConfig(target_modules=cfg.target_modules, rank_reduction=cfg.welore_rank_reduction,
+                                        modules_to_save=heads))
+
+
+def make_optimizer(model, optimizer_spec):
+    """The optimizer ``Trainer`` builds from :func:`build_optimizer`'s spec, for loops that step it themselves
+    (benchmarks): a factory is called with the model, a class with the parameters its kwargs hold."""
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    cls, kwargs = optimizer_spec
+    if is_optimizer_factory(cls):
+        return cls()(model, **kwargs)
+    return cls(**kwargs)
 
 
 def layer_sampling_callbacks(model, cfg: RecipeConfig, train_dataset, data_collator) -> list:

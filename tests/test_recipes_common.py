@@ -335,3 +335,27 @@ def test_saved_card_and_results_keep_no_absolute_paths(tmp_path, tiny_llama):
     card = ModelCard.load(out / "README.md")
     assert "**Smoke run:** 5 optimizer steps" in card.text
     assert "accelerate launch recipes/pretrain.py recipe=pretrain results_dir=results output_dir=out" in card.text
+
+
+@pytest.mark.parametrize("mode", ["gradnormlorp", "welore"])
+def test_tuner_arms_train_their_parameters_and_the_task_head(mode):
+    """mode=gradnormlorp / mode=welore: the tuner changes the model in place; its optimizer holds exactly what is
+    left trainable, the new classification head included."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    cfg = common.load_config(DemoConfig, None, [f"mode={mode}", "rank=4", "target_modules=[query,value]"])
+    model, spec = common.build_optimizer(model, cfg, task_type="SEQ_CLS")
+    optimizer = common.make_optimizer(model, spec)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert stepped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable and "bert.embeddings.word_embeddings.weight" not in trainable
+    suffix = {"gradnormlorp": "query.parametrizations.weight.original1", "welore": ".welore_U"}[mode]  # WeLore factorises the matrices it cuts by half or more
+    assert any(n.endswith(suffix) for n in trainable), sorted(trainable)
+    loss = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    optimizer.step()
