@@ -108,8 +108,11 @@ def directions(block: FeatureBlock, seed: int, key: tuple, count: int) -> torch.
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of next-token losses, number of label tokens)`` per example (labels shifted; -100 ignored)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    """``(sum of next-token losses, number of label tokens)`` per example (labels shifted; -100 ignored; half
+    precision logits are upcast to float32)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
     losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return losses.sum(dim=1), labels.ne(-100).sum(dim=1)
 
@@ -149,7 +152,7 @@ def zeroth_order_features(model: nn.Module, block: FeatureBlock, inputs: dict, z
     if reuse_prefix and block.block_index:
         _, blocks = find_blocks(model.get_base_model() if hasattr(model, "get_base_model") else model)
     original = block.view.clone()
-    slopes = torch.zeros((n, z.shape[0]), dtype=torch.float32, device=labels.device)
+    slopes = torch.zeros((n, z.shape[0]), dtype=torch.promote_types(z.dtype, torch.float32), device=labels.device)
     try:
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)

@@ -39,8 +39,7 @@ def lazy_greedy(similarity: torch.Tensor, k: int) -> list[int]:
     n = similarity.shape[0]
     if similarity.shape != (n, n):
         raise ValueError(f"similarity must be square, got shape {tuple(similarity.shape)}.")
-    if k >= n:
-        return list(range(n))
+    k = min(k, n)
     covered = torch.zeros(n, dtype=similarity.dtype)
     heap = [(-_gain(similarity, covered, j), j) for j in range(n)]
     heapq.heapify(heap)
