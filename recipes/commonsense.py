@@ -8,12 +8,14 @@ Records are LLM-Adapters JSON: {"instruction", "input", "output": "the correct a
 the Alpaca template LLM-Adapters trains with (without the 16-space indentation its source accidentally carries).
 ``eval_mode``:
 
-* ``loglik`` (default): score "the correct answer is <label>" for every label of the answer format, pick the most
-  likely: the label-generation protocol without decoding errors, one forward pass per example;
+* ``harness`` (default): lm-evaluation-harness (``recipes/harness.py``, the ``[eval]`` extra): the harness's own
+  task definitions (prompts, choices, acc / acc_norm) on the same records, ``num_fewshot`` shots drawn from the
+  other test records; the protocol Q-GaLore, OwLore and LISA report with. It replaced our hand-written zero-shot
+  scorer, which disagreed with the harness by more than 0.5 points per task (benchmarks/results/scorer_agreement.md);
+* ``loglik``: LLM-Adapters' label protocol without decoding errors: score "the correct answer is <label>" for every
+  label of the answer format after the Alpaca prompt, pick the most likely (one forward pass per example);
 * ``generate``: LLM-Adapters' own evaluation: decode (greedy, or ``num_beams``) and take the first label the
-  answer-pattern regex finds (no match counts as wrong);
-* ``choice_text``: lm-evaluation-harness style zero-shot scoring of each option's text after
-  "Question: ...\\nAnswer:" (BoolQ: " yes"/" no"), normalised per character; use it for pretrained checkpoints.
+  answer-pattern regex finds (no match counts as wrong).
 
 Offline data (data/commonsense/): test subsets of BoolQ, PIQA, SIQA, ARC-e, ARC-c and a training mix of BoolQ, SIQA,
 ARC-e, ARC-c; HellaSwag, WinoGrande and OBQA run when given by ``data_files.<task>=test.json`` or
@@ -62,7 +64,13 @@ ANSWER_PATTERNS = {
     "winogrande": r"option1|option2",
 }
 ANSWER_PREFIX = "the correct answer is"
-EVAL_MODES = ("loglik", "generate", "choice_text")
+EVAL_MODES = ("harness", "loglik", "generate")
+DEFAULT_EVAL_MODE = "harness"
+EVAL_PROTOCOLS = {  # what the numbers of each eval_mode mean (results JSON "eval_protocol")
+    "harness": "lm-evaluation-harness 0.4.13 task definitions; metrics = acc, harness_metrics = acc and acc_norm",
+    "loglik": "LLM-Adapters label protocol, most likely 'the correct answer is <label>' after the Alpaca prompt",
+    "generate": "LLM-Adapters protocol, first answer label in the generated response",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,39 +178,43 @@ def load_train(cfg: "CommonsenseConfig") -> list[dict]:
 def predict_task(model, tokenizer, task: str, records: list[dict], eval_mode: str = "loglik",
                  batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
                  progress: bool = False) -> list[str]:
-    """Predicted label for each record under `eval_mode`."""
+    """Predicted label for each record under LLM-Adapters' label protocol (`eval_mode` loglik or generate)."""
     labels = [answer_labels(r["instruction"]) for r in records]
     prompts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records]
     if eval_mode == "generate":
         outputs = scoring.generate_answers(model, tokenizer, prompts, max_new_tokens, num_beams, batch_size, progress)
         return [extract_answer(task, out, lab) for out, lab in zip(outputs, labels)]
-    if eval_mode == "loglik":
-        contexts = [p + ANSWER_PREFIX for p in prompts]
-        candidates = [[f" {label}" for label in lab] for lab in labels]
-        normalize = "none"
-    elif eval_mode == "choice_text":
-        contexts, candidates = [], []
-        for record, lab in zip(records, labels):
-            question, options = split_options(record["instruction"])
-            contexts.append(f"Question: {question}\nAnswer:")
-            candidates.append([" yes", " no"] if lab == ["true", "false"] else [f" {o}" for o in options])
-        normalize = "chars"
-    else:
-        raise ValueError(f"`eval_mode` must be one of {EVAL_MODES}, got {eval_mode!r}.")
+    if eval_mode != "loglik":
+        raise ValueError(f"`eval_mode` must be 'loglik' or 'generate' here (harness: evaluate()), got {eval_mode!r}.")
+    contexts = [p + ANSWER_PREFIX for p in prompts]
+    candidates = [[f" {label}" for label in lab] for lab in labels]
     scores = scoring.score_continuations(model, tokenizer, contexts, candidates, batch_size, progress=progress)
-    return [lab[scoring.pick(s, normalize)] for lab, s in zip(labels, scores)]
+    return [lab[scoring.pick(s)] for lab, s in zip(labels, scores)]
 
 
-def evaluate(model, tokenizer, tasks: dict[str, list[dict]], **kwargs) -> dict[str, float]:
-    """Accuracy per task (metric names of TASKS) and their unweighted average."""
-    metrics = {}
+def evaluate(model, tokenizer, tasks: dict[str, list[dict]], eval_mode: str = "harness", num_fewshot: int = 0,
+             batch_size: int = 8, progress: bool = False, **kwargs) -> tuple[dict[str, float], dict]:
+    """(accuracy per task (metric names of TASKS) and their unweighted average, harness metrics per task: acc,
+    acc_norm, n; empty for the LLM-Adapters modes). `kwargs` go to :func:`predict_task`."""
     for task, records in tasks.items():
         if not records:
             raise ValueError(f"task {task!r} has no test records.")
-        predictions = predict_task(model, tokenizer, task, records, **kwargs)
-        metrics[TASKS.get(task, task)] = sum(p == r["answer"] for p, r in zip(predictions, records)) / len(records)
+    if eval_mode == "harness":
+        import harness
+
+        configs = {task: [harness.commonsense_config(task, records, source=task)] for task, records in tasks.items()}
+        details = harness.run_configs(model, tokenizer, configs, num_fewshot=num_fewshot, batch_size=batch_size,
+                                      progress=progress)
+        metrics = {TASKS[task]: details[task]["acc"] for task in tasks}
+    else:
+        details = {}
+        metrics = {}
+        for task, records in tasks.items():
+            predictions = predict_task(model, tokenizer, task, records, eval_mode, batch_size, progress=progress,
+                                       **kwargs)
+            metrics[TASKS[task]] = sum(p == r["answer"] for p, r in zip(predictions, records)) / len(records)
     metrics["average"] = sum(metrics.values()) / len(metrics)
-    return metrics
+    return metrics, {TASKS[task]: value for task, value in details.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +232,10 @@ class CommonsenseConfig(common.RecipeConfig):
         default_factory=lambda: list(SHIPPED_TASKS),
         metadata={"help": f"Tasks to evaluate (LLM-Adapters names): {', '.join(TASKS)}."},
     )
-    eval_mode: str = field(default="loglik", metadata={"help": f"Scoring: {', '.join(EVAL_MODES)}."})
+    eval_mode: str = field(default=DEFAULT_EVAL_MODE, metadata={"help": f"Scoring: {', '.join(EVAL_MODES)}."})
+    num_fewshot: int = field(
+        default=0, metadata={"help": "Solved examples in each prompt (eval_mode=harness; drawn from the other test "
+                                     "records)."})
     eval_dataset_names: dict = field(
         default_factory=dict, metadata={"help": "Hub datasets (LLM-Adapters format, split test) per task."}
     )
@@ -242,6 +257,9 @@ class CommonsenseConfig(common.RecipeConfig):
             raise ValueError(f"Unknown or empty `tasks` {unknown or self.tasks}. Valid tasks: {', '.join(TASKS)}.")
         if self.eval_mode not in EVAL_MODES:
             raise ValueError(f"`eval_mode` must be one of {', '.join(EVAL_MODES)}, got {self.eval_mode!r}.")
+        if self.num_fewshot < 0 or (self.num_fewshot and self.eval_mode != "harness"):
+            raise ValueError(f"`num_fewshot={self.num_fewshot}` needs a count >= 0 and eval_mode=harness (the "
+                             f"LLM-Adapters modes are zero-shot); eval_mode is {self.eval_mode!r}.")
         missing = [t for t in self.tasks if task_source(self, t) is None]
         if missing:
             raise ValueError(
@@ -256,6 +274,18 @@ class CommonsenseConfig(common.RecipeConfig):
                 if not Path(path).is_file():
                     raise FileNotFoundError(f"data_files.{key}: file {path!r} does not exist.")
         super().__post_init__()
+
+    def run_name_parts(self) -> list[str]:
+        """The common parts with the task set (a short stable tag), the evaluation protocol when it is not the
+        default, and ``zeroshot`` / ``fewshot<k>`` for evaluation-only runs (``<k>shot`` after the budget of trained
+        runs with shots)."""
+        parts = super().run_name_parts()
+        if not self.do_train:
+            parts[1] = scoring.shots_label(self.num_fewshot)
+        elif self.num_fewshot:
+            parts.insert(-1, f"{self.num_fewshot}shot")
+        protocol = [] if self.eval_mode == DEFAULT_EVAL_MODE else [self.eval_mode]
+        return [*parts[:-1], scoring.set_tag([TASKS[t] for t in self.tasks]), *protocol, parts[-1]]
 
 
 def training_dataset(records: list[dict], tokenizer, cfg: CommonsenseConfig):
@@ -284,16 +314,21 @@ def main(argv=None) -> dict:
             cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
             processing_class=tokenizer,
         )
-        metrics = evaluate(trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode,
-                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-                           progress=cfg.progress)
+        metrics, harness_metrics = evaluate(
+            trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode, num_fewshot=cfg.num_fewshot,
+            batch_size=cfg.eval_batch_size, progress=cfg.progress,
+            **({} if cfg.eval_mode == "harness" else {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams}),
+        )
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
         world = trainer.args.world_size
         common.write_results(
             cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="average",
             examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
-            extra={"eval_mode": cfg.eval_mode, "num_eval_examples": {t: len(r) for t, r in test_sets.items()}},
+            extra={"eval_mode": cfg.eval_mode, "eval_protocol": EVAL_PROTOCOLS[cfg.eval_mode],
+                   "num_fewshot": cfg.num_fewshot, "limit": cfg.max_eval_samples,
+                   "num_eval_examples": {t: len(r) for t, r in test_sets.items()},
+                   **({"harness_metrics": harness_metrics} if harness_metrics else {})},
         )
         if cfg.do_train and (cfg.save_model or cfg.push_to_hub):
             from hf_lowrank import hub

@@ -16,8 +16,8 @@ reads, and reach the harness as an in-memory ``datasets.Dataset`` (``custom_data
   size) and also reports the mean over subjects (``acc_macro``).
 
 Every task reports ``acc`` and ``acc_norm`` (``acc_norm`` is added to the definitions that list only ``acc``: it is
-computed from the same log-likelihoods, normalised by the choice's length in bytes; for MMLU's one-letter choices
-it equals ``acc``).
+computed from the same log-likelihoods divided by the choice's length in characters; for MMLU's one-letter
+choices it equals ``acc``).
 """
 from __future__ import annotations
 
@@ -123,7 +123,9 @@ def commonsense_doc(task: str, record: dict, where: str) -> dict:
     if task == "openbookqa":
         return {"question_stem": question, "choices": {"text": options, "label": letters}, "answerKey": letters[gold]}
     if task == "hellaswag":
-        activity, _, context = question.partition(": ")
+        activity, sep, context = question.partition(": ")  # LLM-Adapters writes "<activity label>: <context>"
+        if not sep:
+            activity, context = "", question
         return {"activity_label": activity, "ctx_a": context, "ctx_b": "", "endings": options, "label": str(gold)}
     if task == "winogrande":
         if "_" not in question:
@@ -201,15 +203,7 @@ def harness_lm(model, tokenizer, batch_size: int, max_length: Optional[int] = No
     return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
-def run_configs(model, tokenizer, configs: dict[str, list[dict]], *, limit: Optional[int] = None,
-                num_fewshot: int = 0, batch_size: int = 8, max_length: Optional[int] = None,
-                progress: bool = True) -> dict[str, dict[str, float]]:
-    """Evaluate harness task configs; ``configs[name]`` is one config, or several (MMLU's subjects) reported both
-    one by one and aggregated under `name`."""
-    _require_lm_eval()
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+def _check_configs(configs: dict[str, list[dict]], limit, num_fewshot: int, batch_size: int) -> None:
     if num_fewshot < 0:
         raise ValueError(f"`num_fewshot` must be >= 0, got {num_fewshot}.")
     if limit is not None and limit < 1:
@@ -227,19 +221,36 @@ def run_configs(model, tokenizer, configs: dict[str, list[dict]], *, limit: Opti
             if num_fewshot > pool:
                 raise ValueError(f"task {name!r}: num_fewshot={num_fewshot} needs at least that many other "
                                  f"documents to draw shots from, {cfg['task']} has {pool}.")
+
+
+def simple_evaluate(model, tokenizer, configs: dict[str, list[dict]], *, limit: Optional[int] = None,
+                    num_fewshot: int = 0, batch_size: int = 8, max_length: Optional[int] = None,
+                    progress: bool = True, log_samples: bool = False) -> dict:
+    """The harness's ``simple_evaluate`` output for task configs (``configs[name]``: the configs of one task)."""
+    _require_lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _check_configs(configs, limit, num_fewshot, batch_size)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     was_training = model.training
     model.eval()
     try:
-        lm = harness_lm(model, tokenizer, batch_size, max_length, progress)
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=[cfg for task_configs in configs.values() for cfg in task_configs],
+        return lm_eval.simple_evaluate(
+            model=harness_lm(model, tokenizer, batch_size, max_length, progress),
+            tasks=[cfg for task_configs in configs.values() for cfg in task_configs],
             num_fewshot=num_fewshot, limit=limit, task_manager=TaskManager(include_defaults=False),
-            bootstrap_iters=0, log_samples=False,
+            bootstrap_iters=0, log_samples=log_samples,
             random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave the caller's generators alone
         )
     finally:
         model.train(was_training)
+
+
+def run_configs(model, tokenizer, configs: dict[str, list[dict]], **kwargs) -> dict[str, dict[str, float]]:
+    """Metrics of harness task configs (keywords of :func:`simple_evaluate`); ``configs[name]`` is one config, or
+    several (MMLU's subjects) reported both one by one and aggregated under `name`."""
+    output = simple_evaluate(model, tokenizer, configs, **kwargs)
     results, counts = output["results"], output["n-samples"]
     metrics: dict[str, dict[str, float]] = {}
     for name, task_configs in configs.items():

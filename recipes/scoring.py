@@ -9,10 +9,12 @@ efficiently on CPU:
 * rows of many examples are batched, left-padded with explicit position ids (scores equal unbatched ones), sorted
   by length to limit padding, and only the last positions' logits are materialised (``logits_to_keep``).
 
-``generate_answers`` is the generation side of the LLM-Adapters protocol (greedy or beam decoding, batched).
+``generate_answers`` is the generation side of the LLM-Adapters protocol (greedy or beam decoding, batched);
+``shots_label`` and ``set_tag`` name evaluation runs in results files.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -190,3 +192,17 @@ def generate_answers(
         tokenizer.padding_side = previous_side
         model.train(was_training)
     return outputs
+
+
+def shots_label(num_fewshot: int) -> str:
+    """``zeroshot`` or ``fewshot<k>``: the label of an evaluation-only run in results file names."""
+    return "zeroshot" if num_fewshot == 0 else f"fewshot{num_fewshot}"
+
+
+def set_tag(names: Sequence[str]) -> str:
+    """Short stable tag of a set of task or subject names for results file names: the names joined by '+' for up
+    to three, else ``<count>x-<6 hex digits of their sorted list's SHA-1>`` (order-independent)."""
+    unique = sorted(set(names))
+    if len(unique) <= 3:
+        return "+".join(unique)
+    return f"{len(unique)}x-{hashlib.sha1(','.join(unique).encode()).hexdigest()[:6]}"

@@ -59,17 +59,15 @@ def test_extract_answer_follows_llm_adapters():
     assert cs.extract_answer("custom", "pick choiceB", ["choiceA", "choiceB"]) == "choiceB"
 
 
-def test_loglik_and_choice_text_scoring_pick_the_favoured_answer(tokenizer):
+def test_loglik_scoring_picks_the_favoured_label(tokenizer):
     label_ids = tokenizer(" solution2", add_special_tokens=False)["input_ids"]
     label_model = FavouringLM(len(tokenizer), label_ids[-1:])
     assert cs.predict_task(label_model, tokenizer, "piqa", [PIQA_LIKE], "loglik") == ["solution2"]
-    text_model = FavouringLM(len(tokenizer), tokenizer(" blue sky", add_special_tokens=False)["input_ids"])
-    assert cs.predict_task(text_model, tokenizer, "piqa", [PIQA_LIKE], "choice_text") == ["solution2"]
-    boolq = cs.read_records(cs.SHIPPED_DATA / "boolq" / "test.json")[:2]
-    no_model = FavouringLM(len(tokenizer), tokenizer(" no", add_special_tokens=False)["input_ids"])
-    assert cs.predict_task(no_model, tokenizer, "boolq", boolq, "choice_text") == ["false", "false"]
-    metrics = cs.evaluate(label_model, tokenizer, {"piqa": [PIQA_LIKE, {**PIQA_LIKE, "answer": "solution1"}]})
-    assert metrics == {"piqa": 0.5, "average": 0.5}
+    metrics, details = cs.evaluate(label_model, tokenizer, {"piqa": [PIQA_LIKE, {**PIQA_LIKE, "answer": "solution1"}]},
+                                   eval_mode="loglik")
+    assert metrics == {"piqa": 0.5, "average": 0.5} and details == {}
+    with pytest.raises(ValueError, match="'loglik' or 'generate'"):
+        cs.predict_task(label_model, tokenizer, "piqa", [PIQA_LIKE], "harness")
 
 
 def test_generate_mode_extracts_labels(tokenizer, monkeypatch):
@@ -99,30 +97,52 @@ def test_bad_config_is_refused_early(tmp_path):
         cs.CommonsenseConfig(tasks=["hellaswag"], data_files={"hellaswag": str(tmp_path / "missing.json")})
     with pytest.raises(ValueError, match="eval_mode"):
         cs.CommonsenseConfig(eval_mode="beam")
+    with pytest.raises(ValueError, match="num_fewshot=2.*eval_mode=harness"):
+        cs.CommonsenseConfig(eval_mode="loglik", num_fewshot=2)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "x"}]))
     with pytest.raises(ValueError, match="lacks"):
         cs.read_records(bad)
 
 
-def test_end_to_end_finetune_and_eval_writes_results(tmp_path):
+def test_end_to_end_finetune_and_harness_eval_writes_results(tmp_path):
     model_dir = save_tiny_causal_lm(tmp_path / "model")
     extra = tmp_path / "hellaswag.json"
     extra.write_text(json.dumps([{
-        "instruction": "Please choose the correct ending to complete the given sentence: He opens the door.\n\n"
-                       "Ending1: and walks in. Ending2: and flies away.\n\nAnswer format: ending1/ending2",
-        "input": "", "output": "the correct answer is ending1", "answer": "ending1"}]))
+        "instruction": f"Please choose the correct ending to complete the given sentence: Doors: {who} opens the door."
+                       "\n\nEnding1: and walks in. Ending2: and flies away.\n\nAnswer format: ending1/ending2",
+        "input": "", "output": "the correct answer is ending1", "answer": "ending1"} for who in ("He", "She")]))
     metrics = cs.main([
         "--config", str(REPO / "recipes" / "configs" / "commonsense" / "smollm2_adamw.yaml"),
         f"model_name_or_path={model_dir}", "tasks=[boolq, piqa, hellaswag]", f"data_files.hellaswag={extra}",
         "max_steps=2", "batch_size=2", "max_seq_length=96", "max_eval_samples=3", "max_train_samples=8",
-        f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}", "progress=false",
+        "num_fewshot=1", f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}", "progress=false",
     ])
-    record = json.loads((tmp_path / "results" / "commonsense--adamw--smollm2.json").read_text())
+    record = json.loads((tmp_path / "results" / "commonsense--adamw--2steps--1shot--boolq+hellaswag+piqa--smollm2.json"
+                         ).read_text())
+    info = record["train_info"]
     assert set(metrics) == {"boolq", "piqa", "hellaswag", "average"}
-    assert record["train_info"]["steps"] == 2 and record["train_info"]["main_metric"] == "average"
-    assert record["train_info"]["num_eval_examples"] == {"boolq": 3, "piqa": 3, "hellaswag": 1}
+    assert info["steps"] == 2 and info["main_metric"] == "average" and info["eval_mode"] == "harness"
+    assert info["num_eval_examples"] == {"boolq": 3, "piqa": 3, "hellaswag": 2}
+    assert info["num_fewshot"] == 1 and info["limit"] == 3 and "lm-evaluation-harness" in info["eval_protocol"]
+    assert info["harness_metrics"]["hellaswag"]["n"] == 2 and set(info["harness_metrics"]["piqa"]) == {
+        "acc", "acc_norm", "n"}
+    assert all(metrics[t] == info["harness_metrics"][t]["acc"] for t in ("boolq", "piqa", "hellaswag"))
     assert metrics["average"] == pytest.approx(sum(metrics[t] for t in ("boolq", "piqa", "hellaswag")) / 3)
+
+
+def test_result_names_tell_task_sets_shots_and_protocols_apart():
+    def name(**kwargs):
+        return cs.CommonsenseConfig(config_name="smollm2", **kwargs).run_name
+
+    shipped = name()
+    assert shipped.startswith("commonsense--adamw--1epochs--5x-") and shipped.endswith("--smollm2")
+    assert name(tasks=["piqa", "boolq"]) == name(tasks=["boolq", "piqa"]) == "commonsense--adamw--1epochs--boolq+piqa--smollm2"
+    assert len({shipped, name(tasks=["boolq"]), name(tasks=["boolq", "piqa"]), name(eval_mode="loglik"),
+                name(max_steps=10), name(num_fewshot=5)}) == 6
+    assert name(do_train=False) == f"commonsense--zeroshot--{shipped.split('--')[3]}--smollm2"
+    assert name(do_train=False, num_fewshot=5).startswith("commonsense--fewshot5--5x-")
+    assert name(run_name="mine") == "mine"
 
 
 @pytest.mark.parametrize("mode", ["owlore", "lisa"])
@@ -135,6 +155,6 @@ def test_layer_sampling_modes_train_sampled_blocks(tmp_path, mode):
         "max_seq_length=96", "max_eval_samples=3", "max_train_samples=8", f"results_dir={tmp_path / 'results'}",
         f"output_dir={tmp_path / 'out'}", "progress=false",
     ])
-    record = json.loads((tmp_path / "results" / f"commonsense--{mode}--smollm2.json").read_text())
+    record = json.loads((tmp_path / "results" / f"commonsense--{mode}--2steps--boolq--smollm2.json").read_text())
     assert record["train_info"]["steps"] == 2 and 0 <= metrics["boolq"] <= 1
     assert record["train_info"]["optimizer_state_bytes"] > 0
