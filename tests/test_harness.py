@@ -35,8 +35,8 @@ def arc_record(question, options, gold):
     listed = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
     labels = "/".join(f"answer{i + 1}" for i in range(len(options)))
     return {"instruction": f"Please choose the correct answer to the question: {question}\n\n{listed}\n\n"
-                           f"Answer format: {labels}", "input": "", "output": f"the correct answer is answer{gold + 1}",
-            "answer": f"answer{gold + 1}"}
+                           f"Answer format: {labels}",
+            "input": "", "output": f"the correct answer is answer{gold + 1}", "answer": f"answer{gold + 1}"}
 
 
 def winogrande_record(sentence, option1, option2, gold):

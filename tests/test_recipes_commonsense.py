@@ -137,7 +137,8 @@ def test_result_names_tell_task_sets_shots_and_protocols_apart():
 
     shipped = name()
     assert shipped.startswith("commonsense--adamw--1epochs--5x-") and shipped.endswith("--smollm2")
-    assert name(tasks=["piqa", "boolq"]) == name(tasks=["boolq", "piqa"]) == "commonsense--adamw--1epochs--boolq+piqa--smollm2"
+    assert name(tasks=["piqa", "boolq"]) == name(tasks=["boolq", "piqa"]) == \
+        "commonsense--adamw--1epochs--boolq+piqa--smollm2"
     assert len({shipped, name(tasks=["boolq"]), name(tasks=["boolq", "piqa"]), name(eval_mode="loglik"),
                 name(max_steps=10), name(num_fewshot=5)}) == 6
     assert name(do_train=False) == f"commonsense--zeroshot--{shipped.split('--')[3]}--smollm2"

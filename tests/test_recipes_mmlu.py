@@ -131,13 +131,46 @@ def test_end_to_end_finetune_and_eval_writes_results(tmp_path):
         f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}", "progress=false",
         "max_eval_length=256",
     ])
-    record = json.loads((tmp_path / "results" / "mmlu--galore--smollm2.json").read_text())
+    record = json.loads((tmp_path / "results" / "mmlu--galore--2steps--1shot--anatomy+virology--smollm2.json"
+                         ).read_text())
     assert record["train_info"]["steps"] == 2 and record["train_info"]["main_metric"] == "accuracy_macro"
     assert set(record["train_info"]["per_subject_accuracy"]) == {"anatomy", "virology"}
     assert record["train_info"]["num_eval_questions"] == 6
     assert record["train_info"]["metrics"]["accuracy_macro"] == pytest.approx(metrics["accuracy_macro"])
     assert 0.0 <= metrics["accuracy_micro"] <= 1.0
     assert record["train_info"]["optimizer_state_bytes"] > 0
+    assert record["train_info"]["eval_mode"] == "letter" and record["train_info"]["limit"] == 6
+
+
+def test_harness_eval_only_run_writes_harness_metrics(tmp_path):
+    pytest.importorskip("lm_eval")
+    model_dir = save_tiny_causal_lm(tmp_path / "model")
+    common = ["--config", str(REPO / "recipes" / "configs" / "mmlu" / "smollm2_zeroshot.yaml"),
+              f"model_name_or_path={model_dir}", "subjects=[anatomy, virology]", "num_fewshot=2",
+              "max_eval_samples=6", f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}",
+              "progress=false", "config_name=smollm2"]
+    harness_metrics = mmlu.main([*common, "eval_mode=harness"])
+    letter_metrics = mmlu.main([*common, "eval_mode=letter"])
+    record = json.loads((tmp_path / "results" / "mmlu--fewshot2--anatomy+virology--harness--smollm2.json").read_text())
+    info = record["train_info"]
+    assert info["eval_mode"] == "harness" and info["num_fewshot"] == 2 and info["num_eval_questions"] == 6
+    assert info["harness_metrics"]["n"] == 6 and info["harness_metrics"]["acc"] == pytest.approx(
+        harness_metrics["accuracy_micro"])
+    assert (tmp_path / "results" / "mmlu--fewshot2--anatomy+virology--smollm2.json").is_file()  # letter: the default
+    # same prompts and letters: our scorer and the harness agree on every question
+    assert harness_metrics["per_subject"] == pytest.approx(letter_metrics["per_subject"])
+
+
+def test_result_names_tell_subjects_shots_and_protocols_apart():
+    def name(**kwargs):
+        return mmlu.MMLUConfig(config_name="smollm2", **kwargs).run_name
+
+    assert name() == "mmlu--adamw--1epochs--5shot--smollm2"
+    assert name(do_train=False, num_fewshot=0) == "mmlu--zeroshot--smollm2"
+    assert name(do_train=False, subjects=["virology", "anatomy"], eval_mode="harness") == \
+        "mmlu--fewshot5--anatomy+virology--harness--smollm2"
+    assert len({name(), name(num_fewshot=0), name(max_steps=5), name(subjects=["anatomy"]),
+                name(eval_mode="harness")}) == 5
 
 
 def test_offline_alias_resolves_to_the_converted_cache(tmp_path, monkeypatch):
