@@ -192,30 +192,44 @@ def predict_task(model, tokenizer, task: str, records: list[dict], eval_mode: st
     return [lab[scoring.pick(s)] for lab, s in zip(labels, scores)]
 
 
-def evaluate(model, tokenizer, tasks: dict[str, list[dict]], eval_mode: str = "harness", num_fewshot: int = 0,
-             batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
-             progress: bool = False) -> tuple[dict[str, float], dict]:
-    """(accuracy per task (metric names of TASKS) and their unweighted average, harness metrics per task: acc,
-    acc_norm, n; empty for the LLM-Adapters modes, whose decoding `max_new_tokens` / `num_beams` set)."""
+def harness_metrics(model, tokenizer, tasks: dict[str, list[dict]], num_fewshot: int = 0, batch_size: int = 8,
+                    progress: bool = False) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness metrics per task (metric names of TASKS): acc, acc_norm, n."""
+    import harness
+
+    _check_nonempty(tasks)
+    configs = {task: [harness.commonsense_config(task, records, source=task)] for task, records in tasks.items()}
+    details = harness.run_configs(model, tokenizer, configs, num_fewshot=num_fewshot, batch_size=batch_size,
+                                  progress=progress)
+    return {TASKS[task]: details[task] for task in tasks}
+
+
+def _check_nonempty(tasks: dict[str, list[dict]]) -> None:
     for task, records in tasks.items():
         if not records:
             raise ValueError(f"task {task!r} has no test records.")
-    if eval_mode == "harness":
-        import harness
 
-        configs = {task: [harness.commonsense_config(task, records, source=task)] for task, records in tasks.items()}
-        details = harness.run_configs(model, tokenizer, configs, num_fewshot=num_fewshot, batch_size=batch_size,
-                                      progress=progress)
-        metrics = {TASKS[task]: details[task]["acc"] for task in tasks}
-    else:
-        details = {}
-        metrics = {}
-        for task, records in tasks.items():
-            predictions = predict_task(model, tokenizer, task, records, eval_mode, batch_size, max_new_tokens,
-                                       num_beams, progress)
-            metrics[TASKS[task]] = sum(p == r["answer"] for p, r in zip(predictions, records)) / len(records)
-    metrics["average"] = sum(metrics.values()) / len(metrics)
-    return metrics, {TASKS[task]: value for task, value in details.items()}
+
+def _with_average(metrics: dict[str, float]) -> dict[str, float]:
+    return {**metrics, "average": sum(metrics.values()) / len(metrics)}
+
+
+def evaluate(model, tokenizer, tasks: dict[str, list[dict]], eval_mode: str = "harness", num_fewshot: int = 0,
+             batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
+             progress: bool = False) -> dict[str, float]:
+    """Accuracy per task (metric names of TASKS) and their unweighted average: the harness's acc
+    (:func:`harness_metrics` has acc_norm too), or the LLM-Adapters label protocols (`max_new_tokens` and
+    `num_beams` set the decoding of ``generate``)."""
+    if eval_mode == "harness":
+        details = harness_metrics(model, tokenizer, tasks, num_fewshot, batch_size, progress)
+        return _with_average({task: values["acc"] for task, values in details.items()})
+    _check_nonempty(tasks)
+    metrics = {}
+    for task, records in tasks.items():
+        predictions = predict_task(model, tokenizer, task, records, eval_mode, batch_size, max_new_tokens, num_beams,
+                                   progress)
+        metrics[TASKS[task]] = sum(p == r["answer"] for p, r in zip(predictions, records)) / len(records)
+    return _with_average(metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,11 +329,15 @@ def main(argv=None) -> dict:
             cfg, model, optimizer_spec, train_dataset, DataCollatorForSeq2Seq(tokenizer, padding=True),
             processing_class=tokenizer,
         )
-        metrics, harness_metrics = evaluate(
-            trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode, num_fewshot=cfg.num_fewshot,
-            batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-            progress=cfg.progress,
-        )
+        details = {}
+        if cfg.eval_mode == "harness":
+            details = harness_metrics(trainer.model, tokenizer, test_sets, cfg.num_fewshot, cfg.eval_batch_size,
+                                      cfg.progress)
+            metrics = _with_average({task: values["acc"] for task, values in details.items()})
+        else:
+            metrics = evaluate(trainer.model, tokenizer, test_sets, eval_mode=cfg.eval_mode,
+                               batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                               num_beams=cfg.num_beams, progress=cfg.progress)
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
         world = trainer.args.world_size
@@ -329,7 +347,7 @@ def main(argv=None) -> dict:
             extra={"eval_mode": cfg.eval_mode, "eval_protocol": EVAL_PROTOCOLS[cfg.eval_mode],
                    "num_fewshot": cfg.num_fewshot, "limit": cfg.max_eval_samples,
                    "num_eval_examples": {t: len(r) for t, r in test_sets.items()},
-                   **({"harness_metrics": harness_metrics} if harness_metrics else {})},
+                   **({"harness_metrics": details} if details else {})},
         )
         if cfg.do_train and (cfg.save_model or cfg.push_to_hub):
             from hf_lowrank import hub

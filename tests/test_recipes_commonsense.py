@@ -63,9 +63,9 @@ def test_loglik_scoring_picks_the_favoured_label(tokenizer):
     label_ids = tokenizer(" solution2", add_special_tokens=False)["input_ids"]
     label_model = FavouringLM(len(tokenizer), label_ids[-1:])
     assert cs.predict_task(label_model, tokenizer, "piqa", [PIQA_LIKE], "loglik") == ["solution2"]
-    metrics, details = cs.evaluate(label_model, tokenizer, {"piqa": [PIQA_LIKE, {**PIQA_LIKE, "answer": "solution1"}]},
-                                   eval_mode="loglik")
-    assert metrics == {"piqa": 0.5, "average": 0.5} and details == {}
+    metrics = cs.evaluate(label_model, tokenizer, {"piqa": [PIQA_LIKE, {**PIQA_LIKE, "answer": "solution1"}]},
+                          eval_mode="loglik")
+    assert metrics == {"piqa": 0.5, "average": 0.5}
     with pytest.raises(ValueError, match="'loglik' or 'generate'"):
         cs.predict_task(label_model, tokenizer, "piqa", [PIQA_LIKE], "harness")
 
