@@ -569,8 +569,8 @@ def test_benchmark_permuted_mnist_from_the_shipped_test_set():
     x_train, x_test, y_train, y_test = bench.load_mnist_split()
     assert x_train.shape == (8000, 784) and x_test.shape == (2000, 784)
     np.testing.assert_array_equal(np.bincount(y_test), np.round(np.bincount(np.r_[y_train, y_test]) / 5).astype(int))
-    tasks = bench.make_sequence("pmnist", seed=0)
-    assert len(tasks) == 5
+    tasks = bench.make_sequence("pmnist10", seed=0)
+    assert len(tasks) == 10
     first_train, second_train = tasks[0][1], tasks[1][1]
     # the same images under another pixel permutation: equal sorted pixels, different layout
     torch.testing.assert_close(first_train.x.sort(1).values, second_train.x.sort(1).values)
@@ -587,3 +587,42 @@ def test_benchmark_graded_sequence_is_one_noise_family_of_decreasing_strength():
     for _, train, test in graded:
         assert torch.equal(test.y, clean_test.y)
         assert set(train.y.tolist()) == set(range(10))
+
+
+def test_benchmark_overlap_sequence_shares_classes_and_images_with_earlier_tasks():
+    bench = load_benchmark()
+    tasks = bench.make_sequence("overlap", seed=0)
+    assert [len(np.unique(train.y.numpy())) for _, train, _ in tasks] == [4, 4, 2, 4, 4]
+    assert bench.OVERLAPS == {0: set(), 1: {0}, 2: set(), 3: {2}, 4: {1, 3}}
+    rows = lambda d, label: {tuple(r) for r in d.x[d.y == label].numpy().round(4).tolist()}  # noqa: E731
+    # class 2 is label 2 of task 0 and label 0 of task 1: the same images
+    assert rows(tasks[0][1], 2) == rows(tasks[1][1], 0)
+
+
+def test_benchmark_selective_bwt_uses_the_old_task_with_most_regime3_layers():
+    bench = load_benchmark()
+
+    class Stub:
+        correlation_history = [
+            {"task_index": 1, "layers": {"lin1": [{"old_task": 0, "regime": 3}], "lin2": [{"old_task": 0, "regime": 1}]}},
+            {"task_index": 2, "layers": {"lin1": [{"old_task": 0, "regime": 1}, {"old_task": 1, "regime": 2}]}},
+        ]
+
+    matrix = AccuracyMatrix(["a", "b", "c"], [[0.5], [0.6, 0.9], [0.6, 0.8, 0.9]])
+    bwt_s, found, overlapping = bench.selective_bwt(matrix, Stub())
+    assert (found, overlapping) == (1, 1) and bwt_s == pytest.approx(0.1)  # task 1 raised task 0 from 0.5 to 0.6
+
+
+def test_task_basis_is_chosen_among_union_directions_by_the_task_energy():
+    from hf_lowrank.cuber.memory import task_basis_from_union
+
+    rep, _ = known_spectrum([8.0, 4.0, 2.0, 1.0], dim=8, seed=1)
+    cov = (rep.T @ rep).float()
+    union = extend_basis(torch.linalg.qr(torch.randn(8, 2, generator=torch.Generator().manual_seed(2)))[0], cov, 0.9)
+    basis = task_basis_from_union(union, cov, 0.9)
+    columns = {tuple(c.round(decimals=5).tolist()) for c in union.T}
+    assert all(tuple(c.round(decimals=5).tolist()) in columns for c in basis.T)  # B_j is made of union columns
+    energy = lambda b: float(torch.trace(b.T @ cov @ b))  # noqa: E731
+    assert energy(basis) >= 0.9 * float(torch.trace(cov)) - 1e-4
+    fewer = [basis[:, [i for i in range(basis.shape[1]) if i != k]] for k in range(basis.shape[1])]
+    assert all(energy(b) < 0.9 * float(torch.trace(cov)) for b in fewer)  # and no column can be left out

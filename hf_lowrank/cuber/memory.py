@@ -125,6 +125,21 @@ def extend_basis(basis: torch.Tensor, cov: torch.Tensor, threshold: float) -> to
     return torch.cat([basis, vectors[:, :rank].float()], dim=1).contiguous()
 
 
+def task_basis_from_union(union: torch.Tensor, cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """A finished task's own basis ``B_j``, chosen among the columns of the (already extended) union basis by the
+    energy criterion on the task's covariance (TRGP/CUBER: "chosen from O and the new singular vectors"): the
+    fewest columns, by decreasing task energy ``uᵀ C u``, explaining ``threshold`` of the task's energy. So ``B_j``
+    lies inside the protected union, and ``W B_j`` (what TRGP's scales multiply) does not move while ``j`` is
+    protected."""
+    if union.shape[1] == 0:
+        return union
+    m = union.to(cov.dtype)
+    energies = ((m.T @ cov) * m.T).sum(1)
+    order = torch.argsort(energies, descending=True)
+    rank = energy_rank(energies[order], threshold, float(torch.trace(cov))) or 1
+    return union[:, order[:rank].sort().values].float().contiguous()
+
+
 @dataclass
 class LayerMemory:
     """What one layer remembers: the union basis ``M`` of all old tasks (GPM); for TRGP and CUBER each old task's own
@@ -176,7 +191,7 @@ class SubspaceMemory:
             cov = covariances[name]
             layer.union = extend_basis(layer.union, cov, thresholds[name])
             if self.keep_task_bases:
-                layer.task_bases.append(basis_from_covariance(cov, thresholds[name]))
+                layer.task_bases.append(task_basis_from_union(layer.union, cov, thresholds[name]))
                 layer.task_scales.append(dict((scales or {}).get(name, {})))
             if self.keep_task_grads:
                 layer.task_grads.append(weight_matrix(grads[name]).float().clone())
