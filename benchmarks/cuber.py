@@ -20,9 +20,11 @@ numbers):
 - Every strategy uses the library defaults (the paper's): epsilon_1 0.5, epsilon_2 0, trust region of 2, TRGP scales
   for regimes 2/3 (scale lr = model lr), demotion at every step, correlation on whole layer gradients.
 - Chosen on validation only: CUBER's penalty lambda in {0.1, 1, 10}, on every sequence, by mean validation ACC
-  (ties: higher BWT) over the validation seeds 1000-1001; 20% of each task's training images are held out and the
-  model trained on the other 80% (``--val-epochs`` epochs per task, 1 for the MNIST sequences to fit the budget).
-  The test split is never used for a choice. GPM/TRGP have nothing to choose (their papers' thresholds).
+  (ties: higher BWT) over the validation seeds (1000-1001 on digits; 1000 with 1 epoch per task on the MNIST
+  sequences, to fit the shared machine); 20% of each task's training images are held out and the model trained
+  on the other 80%. The test split is never used for a choice. GPM/TRGP have nothing to choose (their papers'
+  thresholds). Each (sequence, strategy, seed) may run in its own process (``--seed-list``, ``--penalty-from``)
+  and the JSON files are merged into one report (``--merge``).
 
     python benchmarks/cuber.py                                   # everything (about 1.5 h on one core)
     python benchmarks/cuber.py --sequences overlap --strategies gpm cuber --seeds 2 --name cuber_overlap_quick
@@ -281,7 +283,12 @@ def describe(overrides) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="test seeds 0..N-1 (or --seed-list)")
+    parser.add_argument("--seed-list", type=int, nargs="+", help="run exactly these test seeds (e.g. one per process)")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="only run CUBER's validation grid and record the choice (for --penalty-from)")
+    parser.add_argument("--penalty-from", type=Path, metavar="JSON",
+                        help="take CUBER's lambda from an earlier --validate-only run of the same sequence")
     parser.add_argument("--sequences", nargs="+", default=list(SEQUENCES), choices=SEQUENCES)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--no-select", dest="select", action="store_false",
@@ -299,8 +306,16 @@ def main(argv=None):
         for path in args.merge:
             part = json.loads(path.read_text())
             merged["commands"] += part["commands"]
-            merged["runs"].update(part["runs"])
             merged["validation"] += part["validation"]
+            for key, entry in part["runs"].items():  # one (sequence, strategy) may come in several files (seeds)
+                if key not in merged["runs"]:
+                    merged["runs"][key] = entry
+                    continue
+                merged["runs"][key]["runs"] += entry["runs"]
+                if entry["detail"]["seed"] < merged["runs"][key]["detail"]["seed"]:
+                    merged["runs"][key]["detail"] = entry["detail"]
+        for entry in merged["runs"].values():
+            entry["runs"].sort(key=lambda r: r["seed"])
         merged["commands"].append(args.command)
         write_report(args, merged)
         return
@@ -310,16 +325,24 @@ def main(argv=None):
 
     hf_logging.set_verbosity_error()
 
-    results, details, chosen, validation_log = {}, {}, {}, []
+    results, details, chosen, chosen_overrides, validation_log = {}, {}, {}, {}, []
     start = time.time()
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     for sequence in args.sequences:
         for strategy in args.strategies:
             overrides = {}
-            if args.select and strategy == "cuber":
+            if args.penalty_from and strategy == "cuber":
+                earlier = json.loads(args.penalty_from.read_text())["chosen"][f"{sequence}/cuber"]
+                overrides = {"penalty_lambda": earlier["penalty_lambda"]}
+                chosen[(sequence, strategy)] = describe(overrides)
+            elif args.select and strategy == "cuber":
                 overrides = select(sequence, strategy, args, validation_log)
                 chosen[(sequence, strategy)] = describe(overrides)
+                chosen_overrides[f"{sequence}/{strategy}"] = overrides
+            if args.validate_only:
+                continue
             runs = []
-            for seed in range(args.seeds):
+            for seed in seeds:
                 matrix, trainer, seconds = run_one(sequence, strategy, seed, sequence_settings(sequence)["epochs"],
                                                    **overrides)
                 regimes = [{name: [c[1], c[2], c[3]] for name, c in per_layer.items()}
@@ -327,13 +350,21 @@ def main(argv=None):
                 runs.append({"seed": seed, "acc": matrix.acc() * 100, "bwt": matrix.bwt() * 100, "seconds": seconds,
                              "bwt_s": list(selective_bwt(matrix, trainer)), "regimes": regimes,
                              "demotions": sum(len(r.get("demotions", [])) for r in trainer.correlation_history)})
-                if seed == 0:
+                if seed == seeds[0]:
                     details[(sequence, strategy)] = {"R": matrix.to_dict(), "ranks": trainer.memory.ranks(),
-                                                     "bytes": trainer.memory_bytes()}
+                                                     "bytes": trainer.memory_bytes(), "seed": seed}
             results[(sequence, strategy)] = runs
             print(f"[{time.time() - start:6.0f}s] {sequence:10s} {strategy:8s} "
                   f"ACC {np.mean([r['acc'] for r in runs]):6.2f} BWT {np.mean([r['bwt'] for r in runs]):+6.2f}",
                   flush=True)
+    if args.validate_only:
+        record = {"commands": [args.command], "runs": {}, "chosen": chosen_overrides,
+                  "validation": [dict(zip(("sequence", "strategy", "candidate", "acc", "bwt"), row))
+                           for row in validation_log]}
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=1))
+        print(json.dumps(record["chosen"]))
+        return
     write_report(args, {
         "commands": [args.command],
         "settings": {"seeds": args.seeds, "val_seeds": args.val_seeds, "val_epochs_mnist": args.val_epochs_mnist},
