@@ -138,9 +138,11 @@ def compare(config: Path, modes: list[str], overrides: list[str], results_dir: s
 
     for mode in modes:
         common.check_mode(mode)
+    progress = [common.coerce(o.split("=", 1)[1], bool, "progress") for o in overrides
+                if o.split("=", 1)[0].strip() == "progress"]
     config_name = _config_name(config)
     failed, paths = [], []
-    for mode in tqdm(modes, desc="modes", unit="mode"):
+    for mode in tqdm(modes, desc="modes", unit="mode", disable=not (progress[-1] if progress else True)):
         mode_config = _sibling_config(config, mode) or config
         args = [f"mode={mode}", f"config_name={config_name}", f"results_dir={results_dir}", *overrides]
         tqdm.write(f"== {mode}: {mode_config} {' '.join(args)}")

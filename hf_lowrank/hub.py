@@ -310,6 +310,85 @@ def render_model_card(
     )
 
 
+@dataclass(frozen=True)
+class BenchmarkScore:
+    """One task's score in a benchmark card: the mean over seeds of `metric` (a fraction, e.g. 0.8761 accuracy)."""
+
+    task: str
+    metric: str
+    value: float
+    per_seed: tuple[float, ...] = ()
+    split: str = "validation"
+    note: str = ""  # e.g. "-0.42 vs full fine-tuning"
+
+
+def render_benchmark_card(
+    mode: str,
+    scores: list[BenchmarkScore],
+    *,
+    title: str,
+    base_model: Optional[str],
+    dataset: str,
+    recipe: str,
+    hyperparameters: list[tuple[str, object]] = (),
+    resources: list[tuple[str, object]] = (),
+    details: list[str] = (),
+    command: Optional[str] = None,
+    versions: Optional[dict] = None,
+    git_sha: Optional[str] = None,
+    license: Optional[str] = None,
+):
+    """A method's card from a benchmark's results (several tasks, several seeds; no weights attached): the
+    ``model_cards/`` of the repository. Metadata (``eval_results`` per task, base model, datasets) is what the Hub
+    indexes; everything comes from the arguments (``versions`` as recorded by the benchmark), so the same results
+    always give the same card."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    method = method_for(mode)
+    task_type, pipeline_tag, _ = RECIPE_TASKS.get(recipe, ("other", None, None))
+    data = ModelCardData(
+        model_name=title,
+        base_model=hub_base_model(base_model),
+        datasets=[dataset],
+        eval_results=[
+            EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=f"{recipe.upper()} {s.task}",
+                       dataset_config=s.task, dataset_split=s.split, metric_type=s.metric,
+                       metric_value=round(s.value, 4))
+            for s in scores
+        ] or None,
+        library_name="peft" if mode == "lora" else "transformers",
+        pipeline_tag=pipeline_tag,
+        license=license or DEFAULT_LICENSE,
+        tags=sorted({"hf_lowrank", mode, method.name.split()[0].lower(), recipe, "benchmark"}),
+    )
+    seeds = max((len(s.per_seed) for s in scores), default=0)
+    metrics = [(f"{s.task} {s.metric} ({s.split})",
+                f"{100 * s.value:.2f}" + (f" (per seed: {', '.join(f'{100 * v:.2f}' for v in s.per_seed)})"
+                                          if len(s.per_seed) > 1 else "") + (f"; {s.note}" if s.note else ""))
+               for s in scores]
+    return render_card(
+        data,
+        title=title,
+        summary=(f"Benchmark card of **{method.name}** (`hf_lowrank` mode `{mode}`) on {recipe.upper()}: scores ×100, "
+                 f"mean over {seeds} seed(s). No weights are attached (the benchmark does not keep them); the command "
+                 "under Reproduce retrains every run."),
+        method=method,
+        mode=mode,
+        task_description=f"{recipe} / {', '.join(s.task for s in scores)} ({dataset})",
+        details=list(details),
+        hyperparameters=list(hyperparameters),
+        metrics=metrics,
+        resources=list(resources),
+        limitations=[f"Short fine-tuning runs sized for a 2-core CPU; the scores measure the method against the "
+                     f"other arms of the same benchmark, not the best {method.name} can reach.",
+                     f"`license: {data.license}` (the licence of the hf_lowrank code); the base model and the data "
+                     "keep their own licences."],
+        command=command,
+        versions=versions or {},
+        git_sha=git_sha,
+    )
+
+
 def validate_card(card) -> None:
     """Offline checks (``ModelCard.validate`` needs the network): metadata round-trips, eval results are complete,
     no template placeholder is left. Raises ValueError naming the problem."""

@@ -39,6 +39,8 @@ from typing import Any, Optional, Union
 
 import torch
 import yaml
+
+import hf_lowrank.utils.imports  # noqa: F401  (before transformers: keeps bitsandbytes' import-time warning quiet)
 from transformers import TrainerCallback
 from transformers.utils import logging
 
@@ -375,11 +377,29 @@ def parse_args(config_cls, argv: Optional[list[str]] = None, recipe: Optional[st
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=2e-5 max_steps=100")
     args = parser.parse_args(argv)
     cfg = load_config(config_cls, args.config, args.overrides)
+    set_progress_bars(cfg.progress)
     if recipe and cfg.recipe and cfg.recipe != recipe:
         raise ValueError(f"Config {args.config!r} is for recipe `{cfg.recipe}`, not `{recipe}`: run recipes/{cfg.recipe}.py.")
     if recipe and not cfg.recipe:
         cfg.recipe = recipe
     return cfg
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """``progress=false``: no progress bar from datasets (map, file loading), transformers (weight loading; the
+    Trainer's own follows ``disable_tqdm``), huggingface_hub or the recipes' loops (``tqdm(disable=not
+    cfg.progress)``). Fast tokenizers draw none when encoding."""
+    import datasets
+    import huggingface_hub.utils as hub_utils
+
+    if enabled:
+        datasets.enable_progress_bars()
+        hub_utils.enable_progress_bars()
+        logging.enable_progress_bar()
+    else:
+        datasets.disable_progress_bars()
+        hub_utils.disable_progress_bars()
+        logging.disable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------------------------

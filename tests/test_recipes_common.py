@@ -359,3 +359,20 @@ def test_tuner_arms_train_their_parameters_and_the_task_head(mode):
     loss = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.tensor([0, 1])).loss
     loss.backward()
     optimizer.step()
+
+
+def test_bitsandbytes_kernels_message_does_not_reach_users():
+    """Importing the recipes, then transformers' Trainer and peft (both import bitsandbytes) prints no "kernels"
+    warning; other bitsandbytes messages still get through."""
+    import logging
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'recipes'); import common; from transformers import Trainer; import peft; "
+            "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('other message')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=common.REPO_DIR, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "kernels" not in run.stderr and "other message" in run.stderr
+    record = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "", 0,
+                               "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", ("x",), None)
+    assert not logging.getLogger("bitsandbytes.backends.cpu.ops").filter(record)
