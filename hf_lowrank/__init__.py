@@ -33,6 +33,8 @@ _LAZY = {
     "save_qgalore": "hf_lowrank.qgalore",
     "load_qgalore": "hf_lowrank.qgalore",
     "export_dense": "hf_lowrank.qgalore",
+    "CoLMConfig": "hf_lowrank.colm",
+    "CoLMTrainer": "hf_lowrank.colm",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -149,6 +149,16 @@ def test_coreset_keeps_small_sources_and_weights_sum_to_the_rest(tmp_path):
     assert {SOURCES[r] for r in rows.tolist()} == {"web", "code", "math"}
 
 
+def test_random_selection_ablation_keeps_small_sources_with_uniform_weights(tmp_path):
+    import hf_lowrank
+
+    assert hf_lowrank.CoLMTrainer is CoLMTrainer and hf_lowrank.CoLMConfig is CoLMConfig
+    t = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], selection="random"))
+    rows, weights = t.select_coreset(t.model, batch(), list(SOURCES))
+    by_source = {SOURCES[r]: float(w) for r, w in zip(rows.tolist(), weights)}
+    assert by_source == {"math": 1.0, "web": 2.5, "code": 2.0} and weights.sum() == len(SOURCES)
+
+
 def test_selection_is_deterministic_under_a_seed(tmp_path):
     inputs = batch(n=16, seed=1)
     sources = ["web"] * 12 + ["code"] * 4

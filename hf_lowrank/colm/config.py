@@ -5,6 +5,7 @@ from typing import Optional, Sequence, Union
 
 
 SIMILARITIES = ("l1", "l2", "cosine")
+SELECTIONS = ("facility_location", "random")
 
 
 def _is_int(value) -> bool:
@@ -47,6 +48,9 @@ class CoLMConfig:
         sparse_dim (`int`, defaults to 2560): per source, keep the dimensions with the largest mean |feature|
             (official code: 2560); all dimensions when the block has fewer.
         similarity (`str`, defaults to ``"l1"``): ``l1`` / ``l2`` (S = max D - D) or ``cosine`` (S = 1 + cos).
+        selection (`str`, defaults to ``"facility_location"``): ``"random"`` is the ablation that keeps the small
+            sources and the per-source budgets but draws each large source's examples uniformly (seeded like the
+            directions), each weighing count / budget; no features are computed.
         feature_batch_size (`int`, *optional*): examples per no-grad forward of the selection (default: the coreset
             size, so the selection never holds more activations than the training step).
         reuse_prefix (`bool`, defaults to True): the blocks before the feature module run once per chunk and their
@@ -72,6 +76,7 @@ class CoLMConfig:
     adam_epsilon: float = field(default=1e-8, metadata={"help": "Epsilon of the Adam normalisation."})
     sparse_dim: int = field(default=2560, metadata={"help": "Feature dimensions kept per source."})
     similarity: str = field(default="l1", metadata={"help": f"One of {list(SIMILARITIES)}."})
+    selection: str = field(default="facility_location", metadata={"help": f"One of {list(SELECTIONS)}."})
     feature_batch_size: Optional[int] = field(default=None, metadata={"help": "Examples per selection forward."})
     reuse_prefix: bool = field(default=True, metadata={"help": "Run the blocks before the feature module once."})
     matching_every: int = field(default=0, metadata={"help": "Steps between gradient-matching logs (0: off)."})
@@ -116,6 +121,8 @@ class CoLMConfig:
             raise ValueError(f"CoLMConfig: `adam_epsilon` must be > 0, got {self.adam_epsilon!r}.")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"CoLMConfig: `similarity`={self.similarity!r}; use one of {list(SIMILARITIES)}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"CoLMConfig: `selection`={self.selection!r}; use one of {list(SELECTIONS)}.")
         if self.feature_batch_size is not None and (not _is_int(self.feature_batch_size)
                                                     or self.feature_batch_size < 1):
             raise ValueError(f"CoLMConfig: `feature_batch_size` must be an int >= 1 or None, got "

@@ -200,7 +200,13 @@ class CoLMTrainer(Trainer):
                 rows += plan.groups[s]
                 weights += [1.0] * len(plan.groups[s])
         key = self._next_key()
-        if selected:
+        if selected and cfg.selection == "random":
+            generator = self._generator(*key, 2)
+            for s in selected:
+                group, budget = plan.groups[s], plan.budgets[s]
+                rows += [group[j] for j in torch.randperm(len(group), generator=generator)[:budget].tolist()]
+                weights += [len(group) / budget] * budget
+        elif selected:
             candidates = [i for s in selected for i in plan.groups[s]]
             features = self._features(model, _rows(inputs, torch.tensor(candidates), n), key)
             features, m, v = self._normalize(features)
@@ -222,6 +228,11 @@ class CoLMTrainer(Trainer):
         stats["present"].update(sources)
         stats["trained"].update(sources[i] for i in rows)
         return torch.tensor(rows), torch.tensor(weights, dtype=torch.float32)
+
+    def _generator(self, *key: int) -> torch.Generator:
+        """A CPU generator that is a function of (seed, *key) only (no saved RNG state needed on resume)."""
+        state = int(np.random.SeedSequence([self.colm_config.seed, *key]).generate_state(1)[0])
+        return torch.Generator().manual_seed(state)
 
     def _features(self, model: nn.Module, inputs: dict, key: tuple[int, int]) -> torch.Tensor:
         cfg = self.colm_config
@@ -284,9 +295,7 @@ class CoLMTrainer(Trainer):
         device = inputs["labels"].device
         full = self._gradient(model, inputs, torch.ones(n, device=device), k)
         core = self._gradient(model, _rows(inputs, rows, n), weights.to(device), k)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
-            [self.colm_config.seed, self.state.global_step, 1]).generate_state(1)[0]))
-        uniform = torch.randperm(n, generator=generator)[:k]
+        uniform = torch.randperm(n, generator=self._generator(self.state.global_step, 1))[:k]
         random = self._gradient(model, _rows(inputs, uniform, n), torch.full((k,), n / k, device=device), k)
         cosine = nn.functional.cosine_similarity
         self._stats["matching"].append(float(cosine(core, full, dim=0)))
