@@ -16,6 +16,7 @@ exactly unchanged / zero, decided on the device: no host synchronisation. The bi
 import math
 
 import torch
+from torch._guards import active_fake_mode
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
@@ -182,6 +183,8 @@ class AdamW8bit(AdamW):
         return bnb_functional
 
     def _code(self, signed: bool, device) -> torch.Tensor:
+        if active_fake_mode() is not None:  # memory estimation on fake tensors: only the map's size matters
+            return torch.empty(256, dtype=torch.float32, device=device)
         key = (signed, str(device))
         if key not in self._codes:
             self._codes[key] = self._functional().create_dynamic_map(signed=signed).to(device)

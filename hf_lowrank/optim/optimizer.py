@@ -233,6 +233,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def _step_params(self, params: list[torch.Tensor], group: dict, oks: list[torch.Tensor]) -> None:
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("ProjectedOptimizer does not support sparse gradients.")
+        if len(params) > 1 and params[0] not in self._flat and any(update_sink_of(p) is not None for p in params):
+            for p, ok in zip(params, oks):  # one float working copy of a quantized weight alive at a time
+                self._step_params([p], group, [ok])
+            return
         inner = get_inner(group["inner"])
         layouts = [self._layout(p, group) for p in params]
         sinks = {p: sink for p in params if (sink := update_sink_of(p)) is not None}
