@@ -45,10 +45,13 @@ def test_shipped_subsets_load_with_glue_columns(task):
     assert set(data["validation"]["label"]) == {0, 1}
 
 
-@pytest.mark.parametrize("config", ["minilm_galore.yaml", "minilm_lora.yaml"])
-def test_end_to_end_on_offline_default(config, tmp_path):
+@pytest.mark.parametrize("config", ["minilm_galore.yaml", "minilm_lora.yaml", "minilm_gradnormlorp.yaml",
+                                    "minilm_welore.yaml"])
+def test_end_to_end_on_offline_default(config, tmp_path, capfd):
     metrics = glue.main(["--config", str(CONFIGS / config), f"results_dir={tmp_path}", *FAST])
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    out, err = capfd.readouterr()
+    assert "it/s]" not in out + err and "%|" not in out + err  # progress=false: no bar (datasets, weights, Trainer)
     mode = config.split("_")[1].removesuffix(".yaml")
     record = json.loads((tmp_path / f"sst2--{mode}--3steps--minilm.json").read_text())
     info = record["train_info"]
