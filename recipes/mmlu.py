@@ -8,6 +8,9 @@ about {subject}.\\n\\n", then ``num_fewshot`` solved questions from the subject'
 "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:". The prediction is the letter among " A"/" B"/" C"/" D" with the
 highest next-token log-likelihood; shots are dropped from the end when the prompt exceeds ``max_eval_length``.
 Reported: macro accuracy (mean over subjects, the usual MMLU number), micro accuracy and per-subject accuracy.
+``eval_mode=letter`` (default) scores with our light scorer, which gives lm-evaluation-harness's MMLU accuracy on
+the same questions (24.1% = 24.1% for SmolLM2-135M, 228 questions: benchmarks/results/scorer_agreement.md);
+``eval_mode=harness`` runs the harness's MMLU definition itself (``recipes/harness.py``, the ``[eval]`` extra).
 
 Fine-tuning (as in Q-GaLore's MMLU experiments, which train on the auxiliary train set) uses ``train_split``:
 offline, the shipped pre-release MMLU val pool (data/mmlu/val.csv, see data/mmlu/README.md), never the test set.
