@@ -59,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--skip-mmlu", action="store_true", help="commonsense only")
     parser.add_argument("--reuse", action="store_true",
                         help="keep existing results JSONs of the same runs (same settings!) instead of rerunning")
+    parser.add_argument("--model", default="smollm2-135m", help="causal LM of every run (smoke tests: a tiny one)")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--agreement", action="store_true",
                         help="only the agreement check of our scorer with lm-evaluation-harness (pretrained model, "
@@ -127,7 +128,7 @@ def agreement_report(rows: list[dict], command: str) -> str:
 
 
 def run_agreement(args) -> str:
-    model, tokenizer = models.load_causal_lm(models.SMOLLM2_ALIAS)
+    model, tokenizer = models.load_causal_lm(args.model)
     rows = agreement(model, tokenizer, args.eval_examples, args.mmlu_questions)
     text = agreement_report(rows, args.command)
     print(text)
@@ -159,14 +160,14 @@ def plot_agreement(rows: list[dict], path: Path) -> None:
 
 
 def run(recipe, config: str, name: str, overrides: list[str], runs_dir: Path, reuse: bool = False,
-        expect: dict | None = None) -> Path:
+        expect: dict | None = None, model: str = "smollm2-135m") -> Path:
     """Run recipes/configs/<config>_<mode>.yaml through the recipe's main(); return the results file it wrote.
 
     With `reuse`, an existing results file of the same run is returned instead (resuming an interrupted benchmark),
     provided its train_info holds the `expect` values.
     """
     argv = ["--config", str(REPO / "recipes" / "configs" / f"{config}.yaml"), f"results_dir={runs_dir}",
-            f"output_dir={runs_dir / 'outputs'}", f"config_name={name}", *overrides]
+            f"output_dir={runs_dir / 'outputs'}", f"config_name={name}", f"model_name_or_path={model}", *overrides]
     config_cls = commonsense.CommonsenseConfig if recipe is commonsense else mmlu.MMLUConfig
     path = common.results_path(common.parse_args(config_cls, argv))
     if reuse and path.is_file():
@@ -192,7 +193,7 @@ def main(argv=None) -> str:
     rows: list[dict] = []
 
     def go(recipe, config, name, overrides):
-        return run(recipe, config, name, overrides, runs_dir, args.reuse)
+        return run(recipe, config, name, overrides, runs_dir, args.reuse, model=args.model)
 
     def record(label, path, kind):
         data = json.loads(Path(path).read_text())
@@ -203,7 +204,7 @@ def main(argv=None) -> str:
                      "loss": info["loss_history"][-1][1] if info.get("loss_history") else None})
 
     record("zero-shot, harness",
-           go(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_text", cs_eval), "cs")
+           go(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_harness", cs_eval), "cs")
     record("zero-shot, answer label", go(commonsense, "commonsense/smollm2_zeroshot", "bench_zeroshot_label",
                                           cs_eval + ["eval_mode=loglik"]), "cs")
     if not args.skip_mmlu:
@@ -213,7 +214,7 @@ def main(argv=None) -> str:
         path = run(mmlu, "mmlu/smollm2_zeroshot", f"bench_anchor_{shots}shot",
                    [f"max_eval_samples={args.mmlu_anchor_questions}", f"num_fewshot={shots}", "eval_batch_size=8",
                     "progress=false"], runs_dir, args.reuse,
-                   expect={"num_eval_questions": args.mmlu_anchor_questions, "num_fewshot": shots})
+                   expect={"num_eval_questions": args.mmlu_anchor_questions, "num_fewshot": shots}, model=args.model)
         anchor[shots] = json.loads(path.read_text())["train_info"]
     for mode in args.modes.split(","):
         label = f"{mode}, {args.steps} steps"
