@@ -126,7 +126,7 @@ def _load_results(results: Union[dict, str, Path]) -> dict:
     if path.is_dir():
         path = path / RESULTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"Results file {str(path)!r} does not exist (recipes write results/<task>--<mode>--<config>.json).")
+        raise FileNotFoundError(f"Results file {str(path)!r} does not exist (recipes write results/<run_name>.json).")
     return json.loads(path.read_text())
 
 
