@@ -49,6 +49,9 @@ from benchmarks import common  # noqa: E402
 
 NAME = "colm"
 ARMS = ("random-b", "random-2b", "colm")
+# Post-hoc ablation (not part of the pre-registered protocol): CoLM's small-source rule and budgets, uniform draws
+# within each large source instead of facility location. `--arms colm-random --name colm_ablation`.
+ABLATIONS = ("colm-random",)
 SOURCES = ("sst2", "commonsense", "shakespeare", "mmlu")
 MIXTURE = {"sst2": 0.60, "commonsense": 0.25, "shakespeare": 0.10, "mmlu": 0.05}
 LR_GRID = (1e-3, 3e-3)
@@ -58,7 +61,7 @@ PAD = 0  # byte 0 never occurs in the texts
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + ABLATIONS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16, help="b; the large batch is 2b")
@@ -142,9 +145,10 @@ def make_trainer(arm: str, seed: int, lr: float, args, train, steps: int, output
         data_seed=seed, logging_steps=max(1, steps // 10), report_to=[], save_strategy="no", use_cpu=True,
         disable_tqdm=True, dataloader_drop_last=True)
     model = build_model(seed)
-    if arm == "colm":
+    if arm.startswith("colm"):
         config = CoLMConfig(coreset_ratio=0.5, small_source_fraction=0.15, seed=seed,
-                            matching_every=args.matching_every)
+                            matching_every=args.matching_every,
+                            selection="random" if arm == "colm-random" else "facility_location")
         return CoLMTrainer(model=model, args=training_args, colm_config=config, train_dataset=train,
                            data_collator=default_data_collator)
     plain = [{k: v for k, v in e.items() if k != "source"} for e in train]
@@ -263,7 +267,7 @@ def summarize(results, memory, times, lrs, args) -> tuple[str, dict]:
             verdict["random-2b peak / random-b peak"] = memory["random-2b"] / memory["random-b"]
             verdict["peak memory at the b level (<= 1.10)"] = memory["colm"] / memory["random-b"] <= 1.10
         lines += ["Targets:", ""] + [f"- {k}: {v if isinstance(v, bool) else f'{v:.4f}'}" for k, v in verdict.items()]
-    colm_runs = [r for r in results if r["arm"] == "colm"]
+    colm_runs = [r for r in results if r["arm"].startswith("colm")]
     if colm_runs:
         mean = lambda key: statistics.fmean(r[key] for r in colm_runs)  # noqa: E731
         coverage = {s: statistics.fmean(r["coverage"][s] for r in colm_runs) for s in SOURCES}
