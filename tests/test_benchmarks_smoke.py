@@ -44,8 +44,11 @@ def test_step_time_runs_interleaved_and_reports_ratios(tmp_path):
     ])
     assert_outputs(tmp_path, "step_time", ["torch AdamW", "galore-torch GaLoreAdamW", "| galore |", "| dct |"])
     assert results["full"]["torch AdamW"] == pytest.approx(1.0)
-    assert set(results["full"]) == {"torch AdamW", "galore-torch GaLoreAdamW", "adamw", "galore"}
+    assert set(results["full"]) == {"torch AdamW", "torch AdamW foreach", "torch AdamW fused", "bitsandbytes AdamW8bit",
+                                    "galore-torch GaLoreAdamW", "adamw", "galore"}
     assert all(ratio > 0 for ratio in results["full"].values())
+    assert results["syncs"]["galore"] == {} and results["syncs"]["adamw"] == {}
+    assert len(results["load"]) == 2
     assert set(results["refresh"]) == {"svd", "randomized", "dct", "random", "subspace", "galore-torch (svd)"}
 
 
@@ -98,8 +101,26 @@ def test_device_step_runs_on_cpu(tmp_path):
 
     device_step.main(["--device", "cpu", "--hidden", "64", "--intermediate", "256", "--heads", "2", "--layers", "1",
                       "--vocab", "256", "--rank", "8", "--seq", "16", "--warmup", "1", "--steps", "1",
-                      "--modes", "galore", "q_galore", "--weight-group-size", "64", "--out-dir", str(tmp_path)])
-    assert_outputs(tmp_path, "device_step_cpu", ["torch AdamW", "q_galore+layerwise"])
+                      "--modes", "galore", "q_galore", "--weight-group-size", "64", "--estimate", "galore+layerwise",
+                      "--out-dir", str(tmp_path)])
+    markdown = assert_outputs(tmp_path, "device_step_cpu", ["torch AdamW", "bitsandbytes AdamW8bit",
+                                                             "q_galore+layerwise", "host syncs per step"])
+    row = next(line for line in markdown.splitlines() if line.startswith("| galore+layerwise |"))
+    assert row.endswith("| 0 |") and "%" in row  # sync-free, and its estimate is printed beside the measurement
+
+
+def test_training_memory_estimates_and_validates_against_a_real_run(tmp_path):
+    from benchmarks import training_memory
+
+    results = training_memory.main([
+        "--sizes", "1B", "--layers", "1", "--vocab", "256", "--seq", "32", "--modes", "galore", "galore+layerwise",
+        "--val-shape", "64", "128", "2", "1", "128", "--val-rank", "8", "--val-modes", "galore_8bit",
+        "--out-dir", str(tmp_path)])
+    assert_outputs(tmp_path, "training_memory", ["galore+layerwise", "## Validation", "within 10%"])
+    full, layerwise = (results["estimates"][("1B", name, False)] for name in ("galore", "galore+layerwise"))
+    assert layerwise["gradients"] < full["gradients"] and layerwise["peak"] < full["peak"]
+    assert full["optimizer state"] > 0 and full["weights"] > 0
+    assert results["within"], results["validation"]
 
 
 def test_subspace_projector_benchmark_times_refreshes_and_records_overlaps(tmp_path):
