@@ -272,7 +272,8 @@ def summarize(results, memory, times, lrs, args) -> tuple[str, dict]:
         mean = lambda key: statistics.fmean(r[key] for r in colm_runs)  # noqa: E731
         coverage = {s: statistics.fmean(r["coverage"][s] for r in colm_runs) for s in SOURCES}
         lines += ["", f"CoLM diagnostics (mean over seeds): gradient-matching cosine with the full 2b batch "
-                      f"{mean('matching_cosine'):.3f} (a uniform random b-subset: {mean('matching_cosine_random'):.3f});"
+                      f"{mean('matching_cosine'):.3f} (a uniform random b-subset: "
+                      f"{mean('matching_cosine_random'):.3f});"
                       f" selection {1000 * mean('selection_seconds'):.1f} ms per step; share of each source's "
                       "examples trained on: " + ", ".join(f"{s} {c:.2f}" for s, c in coverage.items()) + "."]
     lines += ["", "Per run:", "", common.markdown_table(

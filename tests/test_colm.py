@@ -200,6 +200,11 @@ def test_training_logs_selection_coverage_and_matching(tmp_path):
     t._save(str(tmp_path / "ckpt"))  # the normalisation history is saved as plain tensors
     state = torch.load(tmp_path / "ckpt" / "colm_state.pt", weights_only=True)
     assert torch.equal(state["adam_m"], t._adam_m) and state["adam_v"].shape == (t.feature_block.dim,)
+    resumed = trainer(tmp_path / "resumed", config=CoLMConfig(small_sources=["math"]))
+    resumed._load_from_checkpoint(str(tmp_path / "ckpt"))
+    assert torch.equal(resumed._adam_v, t._adam_v)
+    for p, q in zip(resumed.model.parameters(), t.model.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_lora_features_use_lora_b_and_gpt2_the_value_columns(tmp_path):

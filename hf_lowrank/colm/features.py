@@ -156,7 +156,8 @@ def zeroth_order_features(model: nn.Module, block: FeatureBlock, inputs: dict, z
     try:
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == (n,) else v) for k, v in model_inputs.items()}
+            chunk = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == (n,) else v)
+                     for k, v in model_inputs.items()}
             chunk_labels = labels[rows]
             context = _reused_prefix(blocks, block.block_index) if blocks is not None else contextlib.nullcontext()
             with context as reuse:

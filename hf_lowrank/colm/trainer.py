@@ -96,10 +96,11 @@ class CoLMTrainer(Trainer):
         column = self.colm_config.source_column
         self.data_collator = SourceCollator(self.data_collator, column)
         self.feature_block = find_feature_block(self.model, self.colm_config.feature_module)
-        if self.feature_block.parameter.dtype not in (torch.float32, torch.float64):
-            logger.warning(f"CoLM: the feature weight {self.feature_block.name} is {self.feature_block.parameter.dtype}"
-                           f"; a perturbation of epsilon={self.colm_config.epsilon} may round away. Keep that weight "
-                           "(or its LoRA factor) in float32.")
+        block = self.feature_block
+        if block.parameter.dtype not in (torch.float32, torch.float64):
+            logger.warning(f"CoLM: the feature weight {block.name} is {block.parameter.dtype}; a perturbation of "
+                           f"epsilon={self.colm_config.epsilon} may round away. Keep that weight (or its LoRA factor) "
+                           "in float32.")
         self.small_sources = self._resolve_small_sources()
         self._adam_m = self._adam_v = None
         self._coreset_weights = None
