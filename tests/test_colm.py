@@ -1,6 +1,8 @@
 """CoLM: zeroth-order features, facility location, budgets and weights, the weighted loss, errors, LoRA and GPT-2."""
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +262,47 @@ def test_selection_on_device(tmp_path, device):
     cpu = zeroth_order_features(model.cpu(), find_feature_block(model), {k: v.cpu() for k, v in inputs.items()},
                                 z.cpu(), 1e-3, chunk_size=4)
     torch.testing.assert_close(features.cpu(), cpu, rtol=1e-2, atol=1e-3)
+
+
+def ddp_worker(out_dir: str) -> None:
+    """Under torchrun (2 gloo processes): ratio 1 trains like Trainer, and a coreset run keeps replicas equal."""
+    import json
+    import os
+
+    torch.set_num_threads(1)
+    data, out = dataset(n=32), Path(out_dir)
+    common = dict(steps=2, gradient_accumulation_steps=2, ddp_backend="gloo")
+    plain, colm, coreset = (make_tiny_llama(vocab=64) for _ in range(3))
+    Trainer(model=plain, args=args(out / "a", **common), data_collator=default_data_collator,
+            train_dataset=[{k: v for k, v in r.items() if k != "source"} for r in data]).train()
+    for model, config, name in ((colm, CoLMConfig(coreset_ratio=1.0), "b"),
+                                (coreset, CoLMConfig(small_sources=["math"]), "c")):
+        t = CoLMTrainer(model=model, args=args(out / name, **common), colm_config=config, train_dataset=data,
+                        data_collator=default_data_collator)
+        assert t.args.world_size == 2
+        t.train()
+    record = {"diff": max((p - q).abs().max().item() for p, q in zip(plain.parameters(), colm.parameters())),
+              "coreset": [float(p.double().sum()) for p in coreset.parameters()]}
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_semantics(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}:{root / 'tests'}"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(tmp_path)]
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["diff"] < 1e-5 for r in ranks)  # coreset_ratio 1 under DDP + accumulation == Trainer
+    assert ranks[0]["coreset"] == ranks[1]["coreset"]  # replicas stay identical
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])
