@@ -113,9 +113,10 @@ def agreement_report(rows: list[dict], command: str) -> str:
         "# Our multiple-choice scorer vs lm-evaluation-harness (SmolLM2-135M-Instruct, 0-shot, same items)", "",
         f"Command: `{command}`", "",
         "ours: `recipes/scoring.py` with the recipes' zero-shot protocol before issue 18 (commonsense "
-        "`eval_mode=choice_text`, now `light_choice_predictions` here: \"Question: ...\\nAnswer:\" + option text, normalised per character of \" option\"; "
-        "MMLU letter scoring). harness: lm-eval 0.4.13's own task definitions on the same documents "
-        "(`recipes/harness.py`). diff = ours − the harness metric ours imitates (acc_norm; acc for MMLU), in points; "
+        "`eval_mode=choice_text`, now `light_choice_predictions` here: \"Question: ...\\nAnswer:\" + option text, "
+        "normalised per character of \" option\"; MMLU letter scoring). harness: lm-eval 0.4.13's own task "
+        "definitions on the same documents (`recipes/harness.py`). diff = ours − the harness metric ours imitates "
+        "(acc_norm; acc for MMLU), in points; "
         f"the rule (issue 18): keep ours as the light default only if |diff| ≤ {AGREEMENT_TOLERANCE} on every task.",
         "", "| task | n items | ours % | harness acc % | harness acc_norm % | diff (points) | within 0.5 |",
         "|---|---|---|---|---|---|---|",
@@ -281,8 +282,8 @@ def report(rows: list[dict], args, anchor: dict[int, dict] | None = None) -> str
         f"Settings: {args.eval_examples} test examples per commonsense task, {args.mmlu_questions} MMLU test "
         "questions "
         f"(stratified over 57 subjects, {args.mmlu_fewshot}-shot); fine-tuning {args.steps} steps × batch "
-        f"{args.batch_size}, seq ≤ {args.seq}, cosine schedule with 10% warm-up; AdamW lr 5e-5 (full), GaLore lr 2e-4 "
-        "rank 64 scale 0.25 T=50 on all attention/MLP linears; MMLU fine-tuning "
+        f"{args.batch_size}, seq ≤ {args.seq}, cosine schedule with 10% warm-up; AdamW lr 5e-5 (full), GaLore lr "
+        "2e-4 rank 64 scale 0.25 T=50 on all attention/MLP linears; MMLU fine-tuning "
         f"{args.steps if args.mmlu_steps is None else args.mmlu_steps} steps (0 = not run). Short runs on a shared "
         f"2-core CPU: one standard error of a task accuracy is about ±{100 * (0.25 / args.eval_examples) ** 0.5:.0f} "
         f"points at {args.eval_examples} examples, so only large differences mean anything.",
