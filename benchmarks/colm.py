@@ -49,9 +49,10 @@ from benchmarks import common  # noqa: E402
 
 NAME = "colm"
 ARMS = ("random-b", "random-2b", "colm")
-# Post-hoc ablation (not part of the pre-registered protocol): CoLM's small-source rule and budgets, uniform draws
-# within each large source instead of facility location. `--arms colm-random --name colm_ablation`.
-ABLATIONS = ("colm-random",)
+# Post-hoc ablations (not part of the pre-registered protocol): ``colm-random`` keeps CoLM's small-source rule and
+# budgets but draws uniformly within each large source (`--arms colm-random --name colm_ablation`); ``colm-nokeep``
+# runs facility location on every source, none kept whole (`--arms colm-nokeep --name colm_ablation_nokeep`).
+ABLATIONS = ("colm-random", "colm-nokeep")
 SOURCES = ("sst2", "commonsense", "shakespeare", "mmlu")
 MIXTURE = {"sst2": 0.60, "commonsense": 0.25, "shakespeare": 0.10, "mmlu": 0.05}
 LR_GRID = (1e-3, 3e-3)
@@ -146,7 +147,8 @@ def make_trainer(arm: str, seed: int, lr: float, args, train, steps: int, output
         disable_tqdm=True, dataloader_drop_last=True)
     model = build_model(seed)
     if arm.startswith("colm"):
-        config = CoLMConfig(coreset_ratio=0.5, small_source_fraction=0.15, seed=seed,
+        keep = {"small_sources": []} if arm == "colm-nokeep" else {"small_source_fraction": 0.15}
+        config = CoLMConfig(coreset_ratio=0.5, **keep, seed=seed,
                             matching_every=args.matching_every,
                             selection="random" if arm == "colm-random" else "facility_location")
         return CoLMTrainer(model=model, args=training_args, colm_config=config, train_dataset=train,
