@@ -159,3 +159,16 @@ def test_bad_input_gets_clear_errors(tiny, task_files, tmp_path):
         harness.evaluate_with_harness(model, tokenizer, ["winogrande"], data_files={"winogrande": str(no_blank)})
     with pytest.raises(ValueError, match="piqa records list 2 options, this one lists 3"):
         harness.commonsense_config("piqa", [arc_record(*ARC_ITEMS[0])])
+
+
+def test_llm_adapters_records_become_the_schema_each_definition_reads():
+    record = arc_record(*ARC_ITEMS[2])
+    docs = harness.commonsense_config("openbookqa", [record])["custom_dataset"]()["test"]
+    assert docs[0] == {"question_stem": "Which animal barks?", "answerKey": "B",
+                       "choices": {"text": ["a cat", "a dog", "a fish", "a bird"], "label": ["A", "B", "C", "D"]}}
+    siqa = arc_record("Kai sat down. What will Kai want to do next?", ["rest", "run", "eat"], 0)
+    doc = harness.commonsense_doc("social_iqa", siqa, "siqa")
+    assert (doc["context"], doc["question"], doc["label"]) == ("Kai sat down.", "What will Kai want to do next?", "1")
+    boolq = {"instruction": "Please answer the following question with true or false, question: is it wet?\n\n"
+                            "Answer format: true/false", "input": "", "output": "", "answer": "false"}
+    assert harness.commonsense_doc("boolq", boolq, "boolq") == {"passage": "", "question": "is it wet", "label": 0}
