@@ -218,8 +218,9 @@ def render(cells, command):
     average = {a: _mean([summary[t][a]["dev"] for t in tasks]) for a in arms}
     for arm in arms:
         first = summary[tasks[0]][arm]
-        scores = [f"{summary[t][arm]['dev']:.2f}" + (f" ± {summary[t][arm]['dev_std']:.2f}" if summary[t]["_seeds"] > 1
-                                                      else "") for t in tasks]
+        scores = [f"{summary[t][arm]['dev']:.2f}" + (f" ± {summary[t][arm]['dev_std']:.2f}"
+                                                      if len(summary[t][arm]["dev_seeds"]) > 1 else " (1 seed)")
+                  for t in tasks]
         lines.append("| " + " | ".join([
             ARMS[arm], *scores, f"{average[arm]:.2f}", f"{average[arm] - average['adamw']:+.2f}",
             f"{first['state_bytes'] / 2**20:.1f}", f"{first['trainable']:,}",
@@ -270,7 +271,7 @@ def render(cells, command):
         "| task | " + " | ".join(ARMS[a] for a in arms) + " |", "|---|" + "---|" * len(arms),
         *(f"| {t.upper()} | " + " | ".join(f"{summary[t][a]['point'].split(' ', 1)[1]} (lr {summary[t][a]['lr']:g})"
                                           for a in arms) + " |" for t in tasks),
-        "", "## Whole grid (validation selects; dev shown for transparency only)", "",
+        "", "## Every point (validation selects; dev shown for transparency only)", "",
         "| task | point | validation (mean) | dev (mean) | dev per seed |", "|---|---|---|---|---|",
     ]
     for t in tasks:
