@@ -48,7 +48,7 @@ DEFAULT_MODES = ["adamw", "adamw_8bit", "galore", "galore_8bit", "q_galore", "ad
 # 1B: intermediate 5632 (TinyLlama's) instead of the paper's 5461, so Q-GaLore's INT8 groups of 256 divide it.
 SIZES = {"1B": {**PAPER_LLAMA["1B"], "intermediate": 5632}, "7B": PAPER_LLAMA["7B"]}
 CATEGORIES = ("weights", "gradients", "optimizer state", "activations", "transients")
-VALIDATION_MODES = ["adamw", "galore", "galore_8bit", "galore+layerwise", "galore_8bit+layerwise"]
+VALIDATION_MODES = ["adamw", "galore", "galore_8bit", "galore+layerwise", "galore_8bit+layerwise", "q_galore"]
 # Published figures (GaLore 2403.03507 §5.5, Fig. 1 and Table 11; Q-GaLore 2407.08296 / its README), GB.
 PAPER_7B_GALORE_8BIT_LAYERWISE = 22.0
 PAPER_7B_SAVINGS = {"vs BF16 Adam": 37.92, "vs 8-bit Adam": 24.5, "optimizer states (projection)": 9.6,
@@ -68,6 +68,9 @@ def parse_args(argv):
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--weight-group-size", type=int, default=256, help="q_galore: INT8 weight groups")
+    parser.add_argument("--checkpointing-modes", nargs="*", default=None,
+                        help="modes also estimated with activation checkpointing (default: all of --modes)")
+    parser.add_argument("--name", default=NAME, help="output file name (benchmarks/results/NAME.md / .png)")
     val = parser.add_argument_group("validation against a real run on this machine (CPU)")
     val.add_argument("--no-validate", action="store_true")
     val.add_argument("--val-shape", type=int, nargs=5, default=[256, 768, 4, 4, 8000],
@@ -114,7 +117,13 @@ def setup(name, shape, args, checkpointing, vocab, fake):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(name, model, shape["rank"], args.weight_group_size)
     ids = torch.randint(0, vocab, (args.batch, args.seq))
-    train_step(model, optimizer, ids)  # creates the optimizer state (and fits the projectors)
+    # The first step creates the optimizer state and fits the projectors; its gradients are zeros set directly
+    # (a forward and backward pass would only cost time), and a layer-wise optimizer's own step is called.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    getattr(optimizer, "optimizer", optimizer).step()
+    optimizer.zero_grad(set_to_none=True)
     return model, optimizer, ids
 
 
@@ -135,6 +144,18 @@ def bnb_cpu_backend():
         bnb_functional.optimizer_update_8bit_blockwise = original
 
 
+def nested_state_tensors(optimizer) -> list[torch.Tensor]:
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from walk(item)
+
+    return [t for state in optimizer.state.values() for key, value in state.items()
+            if not isinstance(value, torch.Tensor) for t in walk(value)]
+
+
 def estimate(name, shape, args, checkpointing, vocab=None, backend="cuda") -> dict:
     """Peak bytes of the second training step and its breakdown, on fake tensors (nothing allocated).
     ``backend``: whose 8-bit optimizer kernel to model, 'cuda' (fused, no temporaries) or 'cpu'."""
@@ -146,7 +167,9 @@ def estimate(name, shape, args, checkpointing, vocab=None, backend="cuda") -> di
     with FakeTensorMode(), (bnb_cpu_backend() if backend == "cpu" else contextlib.nullcontext()):
         model, optimizer, ids = setup(name, shape, args, checkpointing, vocab or args.vocab, fake=True)
         tracker = MemTracker()
-        tracker.track_external(model, optimizer)
+        # MemTracker finds an optimizer's top-level state tensors only; the projector tensors nested in
+        # state[p]["projector"] are passed as well
+        tracker.track_external(model, optimizer, *nested_state_tensors(optimizer))
         with tracker:
             train_step(model, optimizer, ids)
         if hasattr(optimizer, "remove_hooks"):
@@ -251,7 +274,8 @@ def main(argv=None):
     for size in args.sizes:
         shape = {**SIZES[size], **({"layers": args.layers} if args.layers else {})}
         for checkpointing in (False, True):
-            for name in args.modes:
+            for name in args.modes if not checkpointing or args.checkpointing_modes is None else \
+                    args.checkpointing_modes:
                 results[(size, name, checkpointing)] = estimate(name, shape, args, checkpointing)
                 print(f"{size} {name} ckpt={checkpointing}: {gb(results[(size, name, checkpointing)]['peak'])} GB",
                       flush=True)
@@ -304,7 +328,7 @@ def main(argv=None):
         ax.set_title(f"LLaMA {size}, {args.batch} x {args.seq} tokens, bf16")
         ax.invert_yaxis()
         ax.legend(loc="lower right", fontsize=7)
-    write_results(NAME, args.out_dir, "\n".join(sections), figure)
+    write_results(args.name, args.out_dir, "\n".join(sections), figure)
     return {"estimates": results, **({"validation": val_rows, "within": within} if not args.no_validate else {})}
 
 
