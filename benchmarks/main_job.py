@@ -38,7 +38,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_OUT_DIR, REPO_ROOT, command_line, markdown_table, new_figure, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_OUT_DIR, REPO_ROOT, command_line, markdown_table, new_figure, write_results,
+)
 
 
 NAME = "main_job"

@@ -166,6 +166,16 @@ def memory_breakdown(model, optimizer, meter: common.RunMeter, rss_before_model:
     }
 
 
+def check_harness_tasks(tasks: list) -> None:
+    """Before any training: every harness task name is known and lm-evaluation-harness is installed."""
+    if tasks:
+        import harness
+
+        for task in tasks:
+            harness.canonical_task(task)
+        harness._require_lm_eval()
+
+
 def harness_scores(model, tokenizer, cfg: FinetuneLMConfig) -> dict:
     """``{"<task>_acc": ..., "<task>_acc_norm": ...}`` from lm-evaluation-harness on the shipped task files."""
     if not cfg.harness_tasks:
@@ -189,6 +199,7 @@ def main(argv=None) -> dict:
     cfg = common.parse_args(FinetuneLMConfig, argv, recipe="finetune_lm")
     with common.recording_errors(cfg):
         common.check_mode(cfg.mode)
+        check_harness_tasks(cfg.harness_tasks)
         set_seed(cfg.seed)
         rss_before_model = rss_bytes()
         model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
