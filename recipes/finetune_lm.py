@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
         rss_before_model = rss_bytes()
         model, tokenizer = models.load_causal_lm(cfg.model_name_or_path)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         stream = BlockStream(text_blocks(cfg.train_file, tokenizer, cfg.max_seq_length), cfg.seed)
         heldout = text_blocks(cfg.eval_file, tokenizer, cfg.max_seq_length)[: cfg.eval_blocks]
