@@ -236,7 +236,8 @@ def comparison_lines(results) -> list[str]:
     seven_ckpt = {mode: results[("7B", mode, True)]["peak"] / 1e9 for mode in DEFAULT_MODES
                   if ("7B", mode, True) in results}
     if "galore_8bit+layerwise" in seven:
-        lines.append(f"- 7B, 8-bit GaLore layer-wise, 256 tokens, no checkpointing: {seven['galore_8bit+layerwise']:.2f} "
+        lines.append(f"- 7B, 8-bit GaLore layer-wise, 256 tokens, no checkpointing: "
+                     f"{seven['galore_8bit+layerwise']:.2f} "
                      f"GB here vs {PAPER_7B_GALORE_8BIT_LAYERWISE} GB published (at <= 500 tokens per GPU).")
     full = seven.get("adamw")
     best = seven.get("galore_8bit+layerwise")
@@ -293,7 +294,8 @@ def main(argv=None):
         f"the first; GB = 1e9 bytes. `{TORCH_ADAMW}` is torch.optim.AdamW(fused=True); `adamw` / `adamw_8bit` are "
         f"this library's full-rank modes. Breakdown: what is live at the peak (MemTracker's categories: weights = "
         f"parameters + buffers, e.g. Q-GaLore's INT8 weights; optimizer state = the bytes of optimizer.state; "
-        f"transients = the rest: temporaries of backward and of the optimizer step). Not included: the CUDA context and the caching allocator's reserve / fragmentation.", "",
+        f"transients = the rest: temporaries of backward and of the optimizer step). Not included: the CUDA "
+        f"context and the caching allocator's reserve / fragmentation.", "",
         table, "",
     ]
     if not args.no_validate:
