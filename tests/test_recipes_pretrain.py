@@ -41,7 +41,7 @@ def test_end_to_end_on_shipped_corpus(tmp_path):
     metrics = pretrain.main(["--config", str(CONFIGS / "tiny_galore.yaml"), f"results_dir={tmp_path}", *FAST])
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert metrics["perplexity"] < 256  # a few steps already beat the uniform byte distribution
-    record = json.loads((tmp_path / "tinyshakespeare--galore--tiny.json").read_text())
+    record = json.loads((tmp_path / "tinyshakespeare--galore--4steps--tiny.json").read_text())
     info = record["train_info"]
     assert info["steps"] == 4 and info["train_tokens_per_s"] > 0 and info["optimizer_state_bytes"] > 0
     assert info["main_metric"] == "perplexity"
@@ -53,7 +53,7 @@ def test_local_text_files(tmp_path):
     (tmp_path / "val.txt").write_text(text)
     metrics = pretrain.main(["mode=adamw", f"train_file={tmp_path / 'train.txt'}", f"eval_file={tmp_path / 'val.txt'}",
                              "task=hamlet", f"results_dir={tmp_path}", *FAST])
-    assert (tmp_path / "hamlet--adamw--hamlet.json").is_file() and metrics["eval_loss"] > 0
+    assert (tmp_path / "hamlet--adamw--4steps--hamlet.json").is_file() and metrics["eval_loss"] > 0
 
 
 @pytest.mark.parametrize("overrides, error, message", [
