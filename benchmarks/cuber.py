@@ -18,7 +18,8 @@ numbers):
 - digits sequences (sklearn's 8x8 digits, MLP 64-100-100, 5 seeds, 5 epochs, lr 0.1, batch 10): ``split``
   (multi-head), ``permuted``, ``correlated`` and ``graded`` (shared head); see :func:`make_sequence`.
 - Every strategy uses the library defaults (the paper's): epsilon_1 0.5, epsilon_2 0, trust region of 2, TRGP scales
-  for regimes 2/3 (scale lr = model lr), demotion at every step, correlation on whole layer gradients.
+  for regimes 2/3 (scale lr 1e-3, 1e-4 on pmnist10: see SCALE_LR), demotion at every step, correlation on whole
+  layer gradients.
 - Chosen on validation only: CUBER's penalty lambda in {0.1, 1, 10}, on every sequence, by mean validation ACC
   (ties: higher BWT) over the validation seeds (1000-1001 on digits; 1000 with 1 epoch per task on the MNIST
   sequences, to fit the shared machine); 20% of each task's training images are held out and the model trained

@@ -159,7 +159,7 @@ class BackwardTransfer:
 
     def demote_(self, grads: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
         """Test every open (layer, task) on this step's gradients; close the failing ones and return them."""
-        pairs, cosines = [], []
+        pairs, margins = [], []
         for name, tasks in self.open_tasks.items():
             if name not in grads:  # no gradient reached this layer on this step: nothing to test
                 continue
@@ -174,11 +174,11 @@ class BackwardTransfer:
                     g = grad
                 # cos < epsilon_2 (an undefined cosine fails): <g_j, g> - epsilon_2 ||g_j|| ||g|| < 0 or g = 0
                 margin = (g * old).sum() - self.epsilon_2 * g.norm() * old.norm()
-                cosines.append(torch.where(g.norm() > 0, margin, torch.full_like(margin, -1.0)))
+                margins.append(torch.where(g.norm() > 0, margin, torch.full_like(margin, -1.0)))
                 pairs.append((name, j))
         if not pairs:
             return []
-        failing = [pair for pair, margin in zip(pairs, torch.stack(cosines).tolist()) if margin < 0]
+        failing = [pair for pair, margin in zip(pairs, torch.stack(margins).tolist()) if margin < 0]
         for name, j in failing:
             self.open_tasks[name].remove(j)
             if not self.open_tasks[name]:
