@@ -8,10 +8,10 @@ storages but no data), one training step creates the optimizer state, and the ne
 keeps the peak with its breakdown (a new tracker per measured step, so nothing of the first step is in it). The
 step is not a refresh step (the SVD workspace of a refresh is not in the figure). Optimizer state is the bytes of
 ``optimizer.state`` (MemTracker also files the optimizer step's temporaries under it; they are counted here as
-transients). bitsandbytes' fused 8-bit update has a fake implementation without temporaries, which is its CUDA
-kernel's behaviour: the 1B / 7B tables are for a GPU. Its CPU backend instead dequantizes both moments, the
-gradient and the parameter into fp32 inside the call; the validation on this machine's CPU runs that backend's
-Python kernel on the fake tensors, so the estimate sees those temporaries too.
+transients). For the 1B / 7B tables (a GPU) the 8-bit moments go through bitsandbytes' fused update, whose fake
+implementation has no temporaries, as its CUDA kernel. On CPU, where bitsandbytes has no fused kernel, the 8-bit
+inner optimizer dequantizes, steps and requantizes one slice at a time; the validation on this machine's CPU runs
+that sliced code on the fake tensors, so the estimate sees its slice-sized temporaries too.
 
 Validation: a small LLaMA is trained for real on this machine's CPU, once per mode, and the peak of the same step is
 read from the PyTorch profiler's allocator events (``profile_memory=True``: every CPU allocation and free, in
@@ -128,20 +128,16 @@ def setup(name, shape, args, checkpointing, vocab, fake):
 
 
 @contextlib.contextmanager
-def bnb_cpu_backend():
-    """Route bitsandbytes' 8-bit update to its CPU backend's Python kernel (instead of the fake implementation),
-    so that an estimate of a CPU run allocates that kernel's fp32 temporaries."""
-    import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.backends.cpu.ops import _optimizer_update_8bit_blockwise_cpu
+def fused_8bit_update_on_cpu():
+    """Run the 8-bit inner optimizer's fused (GPU) path on the fake CPU tensors, to estimate a GPU step."""
+    from hf_lowrank.optim.inner import AdamW8bit
 
-    original = bnb_functional.optimizer_update_8bit_blockwise
-    bnb_functional.optimizer_update_8bit_blockwise = (
-        lambda *args, gnorm_scale=1.0, **kwargs: _optimizer_update_8bit_blockwise_cpu(
-            *args, gnorm_scale=gnorm_scale, **kwargs))
+    original = AdamW8bit.fused_update_devices
+    AdamW8bit.fused_update_devices = (*original, "cpu")
     try:
         yield
     finally:
-        bnb_functional.optimizer_update_8bit_blockwise = original
+        AdamW8bit.fused_update_devices = original
 
 
 def nested_state_tensors(optimizer) -> list[torch.Tensor]:
@@ -158,13 +154,13 @@ def nested_state_tensors(optimizer) -> list[torch.Tensor]:
 
 def estimate(name, shape, args, checkpointing, vocab=None, backend="cuda") -> dict:
     """Peak bytes of the second training step and its breakdown, on fake tensors (nothing allocated).
-    ``backend``: whose 8-bit optimizer kernel to model, 'cuda' (fused, no temporaries) or 'cpu'."""
+    ``backend``: whose 8-bit optimizer update to model, 'cuda' (fused, no temporaries) or 'cpu' (sliced)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from hf_lowrank.optim import optimizer_state_bytes
 
-    with FakeTensorMode(), (bnb_cpu_backend() if backend == "cpu" else contextlib.nullcontext()):
+    with FakeTensorMode(), (fused_8bit_update_on_cpu() if backend == "cuda" else contextlib.nullcontext()):
         model, optimizer, ids = setup(name, shape, args, checkpointing, vocab or args.vocab, fake=True)
         tracker = MemTracker()
         # MemTracker finds an optimizer's top-level state tensors only; the projector tensors nested in

@@ -88,6 +88,50 @@ def test_8bit_matches_bitsandbytes_adam8bit():
     assert optimizers[0].state[ours]["exp_avg"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_8bit_slices_equal_one_fused_update(monkeypatch, low_rank):
+    """Off bitsandbytes' fused devices the 8-bit update runs slice by slice (several slices, a partial last block
+    here); the result equals one bitsandbytes update of the whole tensor, and a non-finite step keeps the codes."""
+    from hf_lowrank.optim.inner import AdamW8bit
+
+    torch.manual_seed(0)
+    start = torch.randn(96, 70)  # 6720 values: 26.25 blocks, 3.3 slices of 2048
+    grads = [torch.randn(96, 70) * (1 + torch.arange(70)) for _ in range(4)]
+    grads.insert(2, torch.full((96, 70), float("nan")))
+    results = []
+    for fused_devices in (("cpu",), ()):
+        monkeypatch.setattr(AdamW8bit, "fused_update_devices", fused_devices)
+        monkeypatch.setattr(AdamW8bit, "SLICE_SIZE", 2048)
+        weight = torch.nn.Parameter(start.clone())
+        options = dict(rank=8, update_proj_gap=100) if low_rank else {}
+        optimizer = ProjectedOptimizer([{"params": [weight], **options}], lr=1e-3, inner="adamw8bit",
+                                       min_8bit_size=0)
+        codes = []
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+            codes.append(optimizer.state[weight]["exp_avg"].clone())
+        assert torch.equal(codes[2], codes[1])  # the NaN step left the moments as they were
+        results.append((weight.detach().clone(), codes[-1], optimizer.state[weight]["exp_avg_sq_absmax"].clone()))
+    (fused_weight, fused_codes, fused_absmax), (sliced_weight, sliced_codes, sliced_absmax) = results
+    assert ((sliced_weight - fused_weight).norm() / (fused_weight - start).norm()).item() < 1e-6
+    assert (sliced_codes.int() - fused_codes.int()).abs().max().item() <= 1
+    torch.testing.assert_close(sliced_absmax, fused_absmax, rtol=1e-6, atol=0)
+
+
+def test_8bit_sliced_update_of_bf16_weights():
+    """bf16 weights with 8-bit moments: the slice is stepped in fp32 and written back in the weight's dtype."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 1100, dtype=torch.bfloat16))
+    start = weight.detach().clone()
+    optimizer = ProjectedOptimizer([weight], lr=1e-2, inner="adamw8bit", min_8bit_size=0)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    assert weight.dtype == torch.bfloat16
+    moved = (weight.detach().float() - start.float()).abs()
+    assert moved.median().item() == pytest.approx(1e-2, rel=0.2)  # Adam's first step moves each weight by ~lr
+
+
 def test_galore_dct_stores_only_indices():
     model = make_tiny_llama()
     optimizer = create_optimizer(model, "galore_dct", rank=8)

@@ -157,21 +157,26 @@ class AdamW(InnerOptimizer):
 
 
 class AdamW8bit(AdamW):
-    """AdamW with block-wise 8-bit moments (Dettmers et al. 2022) through bitsandbytes' fused update.
+    """AdamW with block-wise 8-bit moments (Dettmers et al. 2022) through bitsandbytes.
 
     Each moment is a ``uint8`` tensor of dynamic-tree codes plus one fp32 ``absmax`` per 256 values (signed code
-    for the first moment, unsigned for the second, as bitsandbytes' 8-bit Adam). A step is one
-    ``bitsandbytes.functional.optimizer_update_8bit_blockwise`` call per tensor, in place on the codes and
-    absmax (on CUDA one kernel, no fp32 copy of the moments; bitsandbytes' CPU backend dequantizes inside, as
-    fast as dequantize + fp32 math + requantize here: ``benchmarks/step_time.py``). As for torch's kernel,
-    ``eps / sqrt(1 - b2^t)`` and ``-lr`` on a zeroed buffer give galore-torch's formula and the step itself. A
-    skipped step restores the saved codes and absmax (uint8 / per-block copies). Tensors with fewer than
-    ``min_8bit_size`` elements keep fp32 moments, as bitsandbytes does.
+    for the first moment, unsigned for the second, as bitsandbytes' 8-bit Adam). On the devices where
+    bitsandbytes has a fused 8-bit update kernel (``fused_update_devices``) a step is one
+    ``bitsandbytes.functional.optimizer_update_8bit_blockwise`` call per tensor, in place on the codes and absmax,
+    with no fp32 copy of the moments; as for torch's kernel, ``eps / sqrt(1 - b2^t)`` and ``-lr`` on a zeroed
+    buffer give galore-torch's formula and the step itself, and a skipped step restores the saved codes and absmax.
+    Elsewhere (CPU) bitsandbytes' update is a Python kernel that dequantizes both moments, the gradient and the
+    parameter of the whole tensor into fp32; here the same dequantize, AdamW, requantize runs one slice of
+    ``SLICE_SIZE`` values at a time (bitsandbytes' quantizers, :class:`AdamW`'s fused math), so the fp32 copies are
+    slice-sized, and a skipped step keeps the old codes slice by slice. Tensors with fewer than ``min_8bit_size``
+    elements keep fp32 moments, as bitsandbytes does.
     """
 
     name = "adamw8bit"
     options = {"min_8bit_size": 4096, "block_size": 256}
     BLOCK_SIZE = 256  # bitsandbytes' fused 8-bit optimizer kernels work on blocks of 256
+    SLICE_SIZE = 1 << 16  # values per dequantized slice off the fused devices (a whole number of blocks)
+    fused_update_devices = ("cuda", "xpu")  # device types with bitsandbytes' fused 8-bit update kernel
     _QUANTIZED_KEYS = ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax")
     _codes: dict = {}
 
@@ -206,28 +211,56 @@ class AdamW8bit(AdamW):
         if plain:
             pick = lambda items: [items[i] for i in plain]  # noqa: E731
             super()._run(pick(params), pick(states), pick(grads), group, pick(oks), sign)
-        beta1, beta2 = group["betas"]
         for i in quantized:
-            state, grad, ok = states[i], grads[i], oks[i]
-            state["moment_step"] += 1
-            t = state["moment_step"]
-            saved = [state[key].clone() for key in self._QUANTIZED_KEYS]
-            # the step is written into a zeroed buffer (update: the caller's; apply: one per plain tensor, so a
-            # skipped step leaves the parameter untouched)
-            target = params[i] if sign > 0 else torch.zeros_like(params[i])
-            grad = grad if grad.dtype == target.dtype else grad.to(target.dtype)
-            lr = float(group["lr"])  # bitsandbytes takes a host number (a tensor lr is read once per step here)
-            self._functional().optimizer_update_8bit_blockwise(
-                "adam", grad, target, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, 0.0, 0.0,
-                group["eps"] / math.sqrt(1.0 - beta2**t), t, -lr, self._code(True, grad.device),
-                self._code(False, grad.device), state["exp_avg_absmax"], state["exp_avg_sq_absmax"],
-                weight_decay=0.0)
-            for key, previous in zip(self._QUANTIZED_KEYS, saved):
-                torch.where(ok > 0, state[key], previous, out=state[key])
-            if sign > 0:
-                target.mul_(ok)
-            else:
-                params[i].add_(target.mul_(ok), alpha=-1.0)
+            states[i]["moment_step"] += 1
+            fused = params[i].device.type in self.fused_update_devices
+            (self._fused_8bit if fused else self._sliced_8bit)(params[i], states[i], grads[i], group, oks[i], sign)
+
+    def _fused_8bit(self, param, state, grad, group, ok, sign):
+        """One bitsandbytes fused update of the whole tensor, in place on its codes and absmax."""
+        beta1, beta2 = group["betas"]
+        t = state["moment_step"]
+        saved = [state[key].clone() for key in self._QUANTIZED_KEYS]
+        # the step is written into a zeroed buffer (update: the caller's; apply: one per plain tensor, so a
+        # skipped step leaves the parameter untouched)
+        target = param if sign > 0 else torch.zeros_like(param)
+        grad = grad if grad.dtype == target.dtype else grad.to(target.dtype)
+        lr = float(group["lr"])  # bitsandbytes takes a host number (a tensor lr is read once per step here)
+        self._functional().optimizer_update_8bit_blockwise(
+            "adam", grad, target, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, 0.0, 0.0,
+            group["eps"] / math.sqrt(1.0 - beta2**t), t, -lr, self._code(True, grad.device),
+            self._code(False, grad.device), state["exp_avg_absmax"], state["exp_avg_sq_absmax"],
+            weight_decay=0.0)
+        for key, previous in zip(self._QUANTIZED_KEYS, saved):
+            torch.where(ok > 0, state[key], previous, out=state[key])
+        if sign > 0:
+            target.mul_(ok)
+        else:
+            param.add_(target.mul_(ok), alpha=-1.0)
+
+    def _sliced_8bit(self, param, state, grad, group, ok, sign):
+        """Dequantize, AdamW (:meth:`AdamW._run`; ``found_inf`` skips it) and requantize, slice by slice."""
+        flat_param, flat_grad = param.view(-1), grad.reshape(-1)
+        moments = (("exp_avg", self._code(True, param.device)), ("exp_avg_sq", self._code(False, param.device)))
+        for start in range(0, flat_param.numel(), self.SLICE_SIZE):
+            end = min(start + self.SLICE_SIZE, flat_param.numel())
+            blocks = slice(start // self.BLOCK_SIZE, -(-end // self.BLOCK_SIZE))
+            codes = {key: state[key].view(-1)[start:end] for key, _ in moments}
+            absmaxes = {key: state[key + "_absmax"][blocks] for key, _ in moments}
+            slice_state = {"moment_step": state["moment_step"] - 1}  # AdamW._run counts this step
+            for key, code in moments:
+                slice_state[key] = torch.ops.bitsandbytes.dequantize_blockwise(
+                    codes[key], absmaxes[key], code, self.BLOCK_SIZE, torch.float32)
+            target = flat_param[start:end]
+            work = target if target.dtype == torch.float32 else target.float()
+            super()._run([work], [slice_state], [flat_grad[start:end]], group, [ok], sign)
+            if work is not target:
+                target.copy_(work)
+            for key, code in moments:
+                new_codes, new_absmax = torch.ops.bitsandbytes.quantize_blockwise(slice_state[key], code,
+                                                                                  self.BLOCK_SIZE)
+                torch.where(ok > 0, new_codes, codes[key], out=codes[key])
+                torch.where(ok > 0, new_absmax, absmaxes[key], out=absmaxes[key])
 
     def moments(self, state, group):
         if "exp_avg_absmax" not in state:
