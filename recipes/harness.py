@@ -21,11 +21,14 @@ choices it equals ``acc``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -229,20 +232,26 @@ def simple_evaluate(model, tokenizer, configs: dict[str, list[dict]], *, limit: 
     """The harness's ``simple_evaluate`` output for task configs (``configs[name]``: the configs of one task)."""
     _require_lm_eval()
     import lm_eval
+    import lm_eval.api.task
     from lm_eval.tasks import TaskManager
 
     _check_configs(configs, limit, num_fewshot, batch_size)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     was_training = model.training
     model.eval()
+    # the harness builds each task's requests under a tqdm bar it offers no switch for
+    quiet = contextlib.nullcontext() if progress else mock.patch.object(
+        lm_eval.api.task, "tqdm", functools.partial(lm_eval.api.task.tqdm, disable=True))
     try:
-        return lm_eval.simple_evaluate(
-            model=harness_lm(model, tokenizer, batch_size, max_length, progress),
-            tasks=[cfg for task_configs in configs.values() for cfg in task_configs],
-            num_fewshot=num_fewshot, limit=limit, task_manager=TaskManager(include_defaults=False),
-            bootstrap_iters=0, log_samples=log_samples,
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave the caller's generators alone
-        )
+        with quiet:
+            return lm_eval.simple_evaluate(
+                model=harness_lm(model, tokenizer, batch_size, max_length, progress),
+                tasks=[cfg for task_configs in configs.values() for cfg in task_configs],
+                num_fewshot=num_fewshot, limit=limit, task_manager=TaskManager(include_defaults=False),
+                bootstrap_iters=0, log_samples=log_samples,
+                # leave the caller's generators alone
+                random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+            )
     finally:
         model.train(was_training)
 

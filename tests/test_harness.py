@@ -99,6 +99,15 @@ def test_metrics_equal_a_hand_computation_on_local_files(tiny, task_files):
     assert limited["arc_easy"]["n"] == 2
 
 
+def test_progress_false_prints_no_progress_bar(tiny, task_files, capfd):
+    model, tokenizer = tiny
+    capfd.readouterr()
+    harness.evaluate_with_harness(model, tokenizer, ["ARC-Easy"], data_files=task_files, limit=2, progress=False)
+    assert "it/s" not in capfd.readouterr().err
+    harness.evaluate_with_harness(model, tokenizer, ["ARC-Easy"], data_files=task_files, limit=2, progress=True)
+    assert "it/s" in capfd.readouterr().err
+
+
 def test_our_scorer_agrees_with_the_harness_on_its_own_requests(tiny, task_files):
     """Same (context, continuation) pairs: scoring.py's log-likelihoods equal the harness's; and MMLU's prompt and
     letter accuracy (shots included) equal the harness's."""
