@@ -130,3 +130,11 @@ def test_subspace_projector_benchmark_times_refreshes_and_records_overlaps(tmp_p
                              "--steps", "60", "--jobs", "1", "--threads", "1", "--out-dir", str(tmp_path)])
     markdown = assert_outputs(tmp_path, "subspace_projector", ["subspace (warm)", "## Targets"])
     assert "warm refreshes" in markdown and "none in this budget" not in markdown
+
+
+def test_colm_benchmark_runs_every_arm_and_reports_targets(tmp_path):
+    from benchmarks import colm
+
+    colm.main(["--steps", "4", "--seeds", "0", "--lr", "1e-3", "--batch", "4", "--train-size", "200",
+               "--heldout", "8", "--matching-every", "2", "--time-rounds", "1", "--out-dir", str(tmp_path)])
+    assert_outputs(tmp_path, "colm", ["random-b", "random-2b", "colm"])
