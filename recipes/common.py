@@ -813,6 +813,11 @@ def build_results(
     })
 
 
+def examples_per_step(cfg: RecipeConfig, trainer) -> int:
+    """Training examples in one optimizer step, over every process."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
+
+
 def write_results(cfg: RecipeConfig, metrics: dict, **kwargs) -> Path:
     """Write ``<results_dir>/<run_name>.json`` (atomically: several failing processes may write
     it) and return its path."""

@@ -340,10 +340,9 @@ def main(argv=None) -> dict:
                                num_beams=cfg.num_beams, progress=cfg.progress)
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
-        world = trainer.args.world_size
         common.write_results(
             cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="average",
-            examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
+            examples_per_step=common.examples_per_step(cfg, trainer),
             extra={"eval_mode": cfg.eval_mode, "eval_protocol": EVAL_PROTOCOLS[cfg.eval_mode],
                    "num_fewshot": cfg.num_fewshot, "limit": cfg.max_eval_samples,
                    "num_eval_examples": {t: len(r) for t, r in test_sets.items()},

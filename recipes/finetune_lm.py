@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
         metrics.update(harness_scores(trainer.model, tokenizer, cfg))
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
+        per_step = common.examples_per_step(cfg, trainer)
         common.write_results(
             cfg, metrics, meter=meter, model=trainer.model, optimizer=trainer.optimizer, main_metric="heldout_loss",
             examples_per_step=per_step, tokens_per_step=per_step * cfg.max_seq_length,

@@ -329,10 +329,9 @@ def main(argv=None) -> dict:
         metrics = predict(trainer, encoded[spec.eval_split], cfg.task)
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
-        world = trainer.args.world_size
         path = common.write_results(
             cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric=spec.main_metric,
-            examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
+            examples_per_step=common.examples_per_step(cfg, trainer),
         )
         if cfg.save_model or cfg.push_to_hub:
             from hf_lowrank import hub

@@ -333,10 +333,9 @@ def main(argv=None) -> dict:
     common.logger.warning(f"{cfg.run_name}: {metrics} on {result['num_questions']} questions, "
                           f"{cfg.num_fewshot}-shot")
     if trainer.is_world_process_zero():
-        world = trainer.args.world_size
         common.write_results(
             cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="accuracy_macro",
-            examples_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * world,
+            examples_per_step=common.examples_per_step(cfg, trainer),
             extra={"per_subject_accuracy": result["per_subject"], "num_eval_questions": result["num_questions"],
                    "num_fewshot": cfg.num_fewshot, "limit": cfg.max_eval_samples, "eval_mode": cfg.eval_mode,
                    "eval_protocol": EVAL_PROTOCOLS[cfg.eval_mode],

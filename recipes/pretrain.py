@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
     common.logger.warning(f"{cfg.run_name}: {metrics}")
     if trainer.is_world_process_zero():
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
+        per_step = common.examples_per_step(cfg, trainer)
         common.write_results(
             cfg, metrics, meter=meter, model=model, optimizer=trainer.optimizer, main_metric="perplexity",
             examples_per_step=per_step, tokens_per_step=per_step * cfg.max_seq_length,
