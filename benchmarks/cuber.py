@@ -18,8 +18,8 @@ numbers):
 - digits sequences (sklearn's 8x8 digits, MLP 64-100-100, 5 seeds, 5 epochs, lr 0.1, batch 10): ``split``
   (multi-head), ``permuted``, ``correlated`` and ``graded`` (shared head); see :func:`make_sequence`.
 - Every strategy uses the library defaults (the paper's): epsilon_1 0.5, epsilon_2 0, trust region of 2, TRGP scales
-  for regimes 2/3 (scale lr 1e-3, 1e-4 on pmnist10: see SCALE_LR), demotion at every step, correlation on whole
-  layer gradients.
+  for regimes 2/3 (trained at the model's lr, as TRGP's code: see SCALE_LR), demotion at every step, correlation on
+  whole layer gradients.
 - Chosen on validation only: CUBER's penalty lambda in {0.1, 1, 10}, on every sequence, by mean validation ACC
   (ties: higher BWT) over the validation seeds (1000-1001 on digits; 1000 with 1 epoch per task on the MNIST
   sequences, to fit the shared machine); 20% of each task's training images are held out and the model trained
@@ -69,11 +69,11 @@ SEQUENCES = ("pmnist10", "overlap", "split", "permuted", "correlated", "graded")
 MNIST_SEQUENCES = ("pmnist10", "overlap")
 MULTI_HEAD = {"split": 5, "overlap": len(OVERLAP_CLASSES)}
 GRID_PENALTY = (0.1, 1.0, 10.0)  # CUBER's lambda, chosen on validation
-# TRGP's scales at the model lr diverge on MNIST (NaN by task 3 of pmnist10, measured); 1e-3 is the value found on
-# the digits sequences in an earlier session (0.1 diverged, 0.01 hurt), fixed before these runs, not tuned here. On
-# pmnist10 (5 epochs x 10 tasks) 1e-3 diverged too (TRGP seed 0: NaN, ACC 9.8): those runs use --scale-lr 1e-4,
-# the next decade down, chosen for stability (4 tasks x 5 epochs stayed finite), not for accuracy
-SCALE_LR = 1e-3
+# TRGP's scales are trained at the model's learning rate, as in TRGP's code (ContinualConfig's default). Earlier runs
+# used 1e-3 (1e-4 on pmnist10) because the scales diverged at the model lr; the cause was that Trainer's
+# `model.zero_grad()` did not clear the scales' gradients (they are not model parameters), so every step applied the
+# sum of all earlier gradients. With that fixed (ScaledWeightProjection.attach_optimizer) the model lr is stable.
+SCALE_LR = None
 VALIDATION_FRACTION = 0.2
 
 
@@ -306,7 +306,8 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--name", default="cuber")
     parser.add_argument("--scale-lr", type=float, default=SCALE_LR,
-                        help="trgp/cuber: learning rate of TRGP's scales (ContinualConfig.scale_learning_rate)")
+                        help="trgp/cuber: learning rate of TRGP's scales (ContinualConfig.scale_learning_rate; default: the "
+                             "model's, as TRGP)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="only write the report of these earlier runs' JSON files together (no training)")
     args = parser.parse_args(argv)
@@ -340,7 +341,8 @@ def main(argv=None):
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     for sequence in args.sequences:
         for strategy in args.strategies:
-            overrides = {"scale_learning_rate": args.scale_lr} if strategy in ("trgp", "cuber") else {}
+            overrides = ({"scale_learning_rate": args.scale_lr}
+                         if args.scale_lr is not None and strategy in ("trgp", "cuber") else {})
             if args.penalty_from and strategy == "cuber":
                 earlier = json.loads(args.penalty_from.read_text())["chosen"][f"{sequence}/cuber"]
                 overrides = {**overrides, "penalty_lambda": earlier["penalty_lambda"]}

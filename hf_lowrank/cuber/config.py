@@ -111,9 +111,9 @@ class ContinualConfig:
     )
     scale_learning_rate: Optional[float] = field(
         default=None,
-        metadata={"help": "trgp/cuber: learning rate of the TRGP scales (None: the model's, as TRGP's code). Their "
-                  "curvature grows with ||W B_j||^2: at the model lr 0.01 they diverged on permuted MNIST (NaN by "
-                  "task 3); benchmarks/cuber.py uses 1e-3."},
+        metadata={"help": "trgp/cuber: learning rate of the TRGP scales (None: the model's, as TRGP's code). "
+                  "They get their own parameter group (no weight decay) and their gradients are cleared after every "
+                  "step."},
     )
     head: str = field(
         default="shared",

@@ -318,6 +318,19 @@ class ScaledWeightProjection:
     def parameters(self) -> list[torch.Tensor]:
         return [q for layer in self.scales.values() for _, q in layer.values()]
 
+    def zero_grad(self) -> None:
+        """Drop the scales' gradients (``Trainer`` only zeroes the model's own parameters)."""
+        for q in self.parameters():
+            q.grad = None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, lr: float) -> list:
+        """Train the scales with ``optimizer`` (their own group: ``lr``, no weight decay) and clear their gradients
+        after every step, as ``Trainer`` does for the model's parameters with ``model.zero_grad()``: the scales are
+        not model parameters, so without it their gradients would add up over the whole task (an ever-growing
+        step, which diverged on permuted MNIST). Returns the hook handle."""
+        optimizer.add_param_group({"params": self.parameters(), "weight_decay": 0.0, "lr": lr})
+        return optimizer.register_step_post_hook(lambda *_: self.zero_grad())
+
     def stored(self) -> dict[str, dict[int, torch.Tensor]]:
         """``{layer: {old task: Q}}`` detached, for the memory."""
         return {name: {j: q.detach().clone() for j, (_, q) in layer.items()} for name, layer in self.scales.items()}

@@ -233,7 +233,7 @@ class ContinualTrainer(Trainer):
             self._hook_handles = self._projection.attach(optimizer)
         if self._scaled is not None and self._scaled.parameters():
             scale_lr = self.continual_config.scale_learning_rate or self.args.learning_rate
-            optimizer.add_param_group({"params": self._scaled.parameters(), "weight_decay": 0.0, "lr": scale_lr})
+            self._hook_handles.append(self._scaled.attach_optimizer(optimizer, scale_lr))
         return optimizer
 
     def _prepare_inputs(self, inputs):
