@@ -132,6 +132,28 @@ def test_8bit_sliced_update_of_bf16_weights():
     assert moved.median().item() == pytest.approx(1e-2, rel=0.2)  # Adam's first step moves each weight by ~lr
 
 
+@pytest.mark.parametrize("mode", ["galore", "galore_8bit", "frugal"])
+def test_step_in_chunks_equals_one_chunk(monkeypatch, mode):
+    """step() bounds its temporaries by stepping a group a chunk of parameters at a time; the update is the same."""
+    results = []
+    for chunk_numel in (ProjectedOptimizer.step_chunk_numel, 5000):
+        monkeypatch.setattr(ProjectedOptimizer, "step_chunk_numel", chunk_numel)
+        torch.manual_seed(0)
+        model = make_tiny_llama()
+        train(model, create_optimizer(model, mode, **mode_kwargs(mode)), batches(3))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for chunked, whole in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+
+
+def test_chunks_are_bounded_runs():
+    from hf_lowrank.optim.optimizer import _chunks
+
+    params = [torch.empty(n) for n in (3, 4, 10, 2, 2, 1)]
+    assert _chunks(params, 7) == [[0, 1], [2], [3, 4, 5]]
+    assert _chunks(params, 100) == [[0, 1, 2, 3, 4, 5]]
+
+
 def test_galore_dct_stores_only_indices():
     model = make_tiny_llama()
     optimizer = create_optimizer(model, "galore_dct", rank=8)

@@ -163,6 +163,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             ``clip_threshold``, ``adafactor_eps``).
     """
 
+    # step() updates a group's parameters in chunks of at most this many elements (a larger parameter is a chunk
+    # of its own): the step's temporaries (low-rank gradients, steps, dtype casts) are then a chunk's, not the
+    # whole model's, while each chunk still runs the inner optimizer's fused / foreach kernels.
+    step_chunk_numel: int = 1 << 27
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  inner: str = "adamw", nonfinite: str | None = None, distributed: str = "auto",
                  adopt_saved_settings: bool = False, **inner_options):
@@ -209,7 +214,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if work:
             oks = iter(self._finite_flags([p for _, params in work for p in params], self.nonfinite or "skip_step"))
             for group, params in work:
-                self._step_params(params, group, [next(oks) for _ in params])
+                group_oks = [next(oks) for _ in params]
+                for chunk in _chunks(params, self.step_chunk_numel):
+                    self._step_params([params[i] for i in chunk], group, [group_oks[i] for i in chunk])
         return loss
 
     @torch.no_grad()
@@ -701,6 +708,18 @@ def _without_data(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return tensor.device.type == "meta" or is_fake(tensor)
+
+
+def _chunks(params: list[torch.Tensor], max_numel: int) -> list[list[int]]:
+    """Consecutive index runs of ``params`` with at most ``max_numel`` elements each (or one parameter)."""
+    chunks, size = [], max_numel
+    for i, p in enumerate(params):
+        if size + p.numel() > max_numel:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += p.numel()
+    return chunks
 
 
 def _zero_where_skipped(tensors: list[torch.Tensor], oks: list[torch.Tensor]) -> None:
