@@ -540,6 +540,66 @@ def test_forward_transfer_trains_scales_keeps_old_task_and_resumes(tmp_path):
     torch.testing.assert_close(resumed.memory.layers["lin1"].task_scales[1][0], q)
 
 
+def test_scale_steps_use_only_their_own_gradient():
+    """Two SGD steps on a loss whose gradient in Q is the constant G give Q = I - 2 lr G (with gradients adding up
+    over steps, as when only the model's parameters were zeroed, it would be I - 3 lr G)."""
+    basis = torch.linalg.qr(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)))[0]
+    projection = ScaledWeightProjection({"lin": {0: (basis, torch.eye(3).requires_grad_(True))}})
+    other = nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([other], lr=1.0)
+    handle = projection.attach_optimizer(optimizer, lr=0.1)
+    assert optimizer.param_groups[-1]["lr"] == 0.1 and optimizer.param_groups[-1]["weight_decay"] == 0.0
+    (q,) = projection.parameters()
+    target = torch.arange(9.0).reshape(3, 3)
+    for _ in range(2):
+        (q * target).sum().backward()
+        optimizer.step()
+        assert q.grad is None
+    torch.testing.assert_close(q.detach(), torch.eye(3) - 2 * 0.1 * target)
+    handle.remove()
+    (q * target).sum().backward()
+    optimizer.step()
+    assert q.grad is not None  # the hook is gone
+
+
+@pytest.mark.parametrize("scale_lr", [None, 0.02])
+def test_trainer_steps_scales_with_a_fresh_gradient_at_the_given_lr(tmp_path, scale_lr):
+    """In the Trainer loop every step starts with no scale gradient and moves Q by -lr times that step's own
+    gradient; the scales' lr is the model's unless `scale_learning_rate` is set."""
+    from transformers import TrainerCallback
+
+    torch.manual_seed(0)
+    steps = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if trainer._scaled is not None:
+                steps.append({"grad_at_begin": [q.grad for q in trainer._scaled.parameters()]})
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if trainer._scaled is not None:
+                steps[-1].update(q=[q.detach().clone() for q in trainer._scaled.parameters()],
+                                 grad=[q.grad.clone() for q in trainer._scaled.parameters()],
+                                 lr=trainer.optimizer.param_groups[-1]["lr"])
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if trainer._scaled is not None:
+                steps[-1]["after"] = [q.detach().clone() for q in trainer._scaled.parameters()]
+
+    trainer = make_trainer(tmp_path, TinyNet(), lr=0.05, strategy="trgp", energy_threshold=1.0, epsilon_1=0.01,
+                           representation_samples=64, scale_learning_rate=scale_lr)
+    trainer.add_callback(Watch())
+    trainer.train_task("old", low_rank_task(0), None)
+    trainer.train_task("new", low_rank_task(1), None)
+    assert len(steps) == 10  # 40 examples / batch 8, 2 epochs
+    for step in steps:
+        assert all(g is None for g in step["grad_at_begin"])
+        assert step["lr"] == (scale_lr or 0.05)
+        for before, grad, after in zip(step["q"], step["grad"], step["after"]):
+            torch.testing.assert_close(after, before - step["lr"] * grad)
+    assert any(float(g.abs().max()) > 0 for step in steps for g in step["grad"])
+
+
 def load_benchmark():
     import importlib.util
     from pathlib import Path

@@ -112,8 +112,8 @@ class ContinualConfig:
     scale_learning_rate: Optional[float] = field(
         default=None,
         metadata={"help": "trgp/cuber: learning rate of the TRGP scales (None: the model's, as TRGP's code). "
-                  "They get their own parameter group (no weight decay) and their gradients are cleared after every "
-                  "step."},
+                  "They get their own parameter group (no weight decay, not clipped by `max_grad_norm`) and their "
+                  "gradients are cleared after every step."},
     )
     head: str = field(
         default="shared",

@@ -287,7 +287,9 @@ class ScaledWeightProjection:
     ``W_eff = W + Σ_j W B_j (Q_j − I) B_jᵀ``: the frozen part ``W B_j`` of old task ``j`` is reused through a small
     learnable ``r_j x r_j`` scale ``Q_j`` (initialised to ``I``, so training starts from ``W``). ``W`` itself stays
     GPM-projected. The scales belong to the new task: they are stored with it and re-applied whenever that task is
-    evaluated. Implemented as a forward hook adding ``x ΔWᵀ`` (Linear) or ``conv(x, ΔW)`` (Conv2d) to the output.
+    evaluated. Implemented as a forward hook adding ``x ΔWᵀ`` (Linear) or ``conv(x, ΔW)`` (Conv2d) to the output;
+    ``W``'s gradient also flows through the scaled term (and is then projected as usual). The scales' own gradient
+    ``(W B_j)ᵀ (∂L/∂W_eff) B_j`` is not projected (as in TRGP); :meth:`attach_optimizer` adds them to the optimizer.
     """
 
     def __init__(self, scales: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]):
