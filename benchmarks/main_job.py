@@ -137,7 +137,9 @@ def report(records: dict[str, dict], command: str) -> tuple[str, object]:
     lines = [
         f"# Main job: {cfg['model_name_or_path']} fine-tuned on {cfg['task']}, {len(records)} arms",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}`; each arm's run (in its own process, environment `ARM_ENV`):",
+        "",
+        *(f"- {arm}: `{record['run_info']['command']}`" for arm, record in records.items()),
         "",
         f"{cfg['max_steps']} steps of {cfg['batch_size']} x {cfg['max_seq_length']} tokens, {cfg['lr_scheduler_type']} "
         f"schedule, {cfg['warmup_ratio']:g} warm-up, seed {cfg['seed']}, activation checkpointing "
@@ -146,7 +148,8 @@ def report(records: dict[str, dict], command: str) -> tuple[str, object]:
         f"articles. Harness: lm-evaluation-harness, {cfg['harness_num_fewshot']}-shot, acc / acc_norm (%). Peak "
         f"memory: {first['train_info']['memory']['peak_source']} of the training window, each arm in its own process "
         "(runtime, weights, gradients, optimizer state, activations, temporaries). Step time: median over the "
-        "steps (the first step's SVD excluded), a ratio measured in the same run.",
+        "steps (the first step's SVD excluded); the arms run one after another, so on a shared machine the ratios "
+        "carry each arm's load (informational; no target).",
         "",
         markdown_table(["arm", "mode", "lr", "final held-out loss", f"/ {BASELINE}", "final train loss (last 5)",
                         "harness acc / acc_norm", "peak memory (MB)", f"/ {BASELINE}", "optimizer state (MB)",
