@@ -306,14 +306,16 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--name", default="cuber")
     parser.add_argument("--scale-lr", type=float, default=SCALE_LR,
-                        help="trgp/cuber: learning rate of TRGP's scales (ContinualConfig.scale_learning_rate; default: the "
-                             "model's, as TRGP)")
+                        help="trgp/cuber: learning rate of TRGP's scales (ContinualConfig.scale_learning_rate; "
+                             "default: the model's, as TRGP)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="--merge: a sentence added to the report (e.g. which rows predate a fix); repeatable")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="only write the report of these earlier runs' JSON files together (no training)")
     args = parser.parse_args(argv)
     args.command = "python benchmarks/cuber.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
-        merged = {"commands": [], "runs": {}, "validation": []}
+        merged = {"commands": [], "runs": {}, "validation": [], "notes": list(args.note)}
         for path in args.merge:
             part = json.loads(path.read_text())
             merged["commands"] += part["commands"]
@@ -458,7 +460,7 @@ def write_report(args, record: dict):
             b = detail["bytes"][layer]
             lines.append(f"| {sequence} | {strategy} | {layer} | {rank}/{dim} | {b['union']} | {b['task_bases']} | "
                          f"{b['task_grads']} | {b['task_scales']} |")
-    lines += ["", NOTES]
+    lines += ["", NOTES] + [line for note in record.get("notes", []) for line in ("", note)]
     report = "\n".join(lines)
     print(report)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """CUBER / GPM continual learning: energy criterion, GPM invariance, correlation test, metrics, resume, errors."""
+import json
 import math
 import os
 
@@ -609,6 +610,17 @@ def load_benchmark():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_benchmark_merge_combines_per_run_files_and_adds_notes(tmp_path):
+    bench = load_benchmark()
+    runs = bench.OUT_DIR / "cuber_algorithm1_runs"
+    files = [str(runs / "r2_pmnist10_gpm_0.json"), str(runs / "r2_pmnist10_gpm_1.json")]
+    bench.main(["--merge", *files, "--out-dir", str(tmp_path), "--name", "merged", "--note", "Rows X predate fix Y."])
+    report = (tmp_path / "merged.md").read_text()
+    assert "| pmnist10 | gpm | 2 |" in report
+    assert report.rstrip().endswith("Rows X predate fix Y.")
+    assert json.loads((tmp_path / "merged.json").read_text())["notes"] == ["Rows X predate fix Y."]
 
 
 def test_benchmark_validation_split_is_held_out_of_training_data():

@@ -289,7 +289,8 @@ class ScaledWeightProjection:
     GPM-projected. The scales belong to the new task: they are stored with it and re-applied whenever that task is
     evaluated. Implemented as a forward hook adding ``x ΔWᵀ`` (Linear) or ``conv(x, ΔW)`` (Conv2d) to the output;
     ``W``'s gradient also flows through the scaled term (and is then projected as usual). The scales' own gradient
-    ``(W B_j)ᵀ (∂L/∂W_eff) B_j`` is not projected (as in TRGP); :meth:`attach_optimizer` adds them to the optimizer.
+    ``(W B_j)ᵀ (∂L/∂W_eff) B_j`` is not projected (as in TRGP); :meth:`attach_optimizer` hands them to the
+    optimizer.
     """
 
     def __init__(self, scales: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]):
