@@ -239,7 +239,8 @@ class AdamW8bit(AdamW):
             param.add_(target.mul_(ok), alpha=-1.0)
 
     def _sliced_8bit(self, param, state, grad, group, ok, sign):
-        """Dequantize, AdamW (:meth:`AdamW._run`; ``found_inf`` skips it) and requantize, slice by slice."""
+        """Dequantize, AdamW (:meth:`AdamW._run`, which leaves a skipped slice unchanged) and requantize, slice by
+        slice; a skipped step keeps the old codes and absmax."""
         flat_param, flat_grad = param.view(-1), grad.reshape(-1)
         moments = (("exp_avg", self._code(True, param.device)), ("exp_avg_sq", self._code(False, param.device)))
         for start in range(0, flat_param.numel(), self.SLICE_SIZE):
