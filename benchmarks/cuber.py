@@ -271,7 +271,7 @@ def candidates(sequence: str, strategy: str, scale_lr: float | None = None):
     if strategy not in ("trgp", "cuber") or scale_lr is not None:
         return penalties
     lr = sequence_settings(sequence)["lr"]
-    return [{**penalty, "scale_learning_rate": factor * lr} for penalty in penalties for factor in SCALE_LR_FACTORS]
+    return [{**penalty, "scale_learning_rate": round(factor * lr, 12)} for penalty in penalties for factor in SCALE_LR_FACTORS]
 
 
 def select(sequence: str, strategy: str, args, log, fixed=None):
@@ -296,7 +296,7 @@ def select(sequence: str, strategy: str, args, log, fixed=None):
 
 
 def describe(overrides) -> str:
-    return ", ".join(f"{k} {v}" for k, v in overrides.items()) or "defaults"
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in overrides.items()) or "defaults"
 
 
 def main(argv=None):

@@ -144,10 +144,10 @@ def test_cuber_validation_grid_chooses_the_scales_lr_and_chosen_from_names_what_
     from benchmarks import cuber
 
     assert cuber.candidates("correlated", "gpm") == [{}]
-    assert cuber.candidates("correlated", "trgp") == [{"scale_learning_rate": 0.1}, {"scale_learning_rate": 0.1 * 0.1}]
+    assert cuber.candidates("correlated", "trgp") == [{"scale_learning_rate": 0.1}, {"scale_learning_rate": 0.01}]
     grid = cuber.candidates("pmnist10", "cuber")
     assert len(grid) == len(cuber.GRID_PENALTY) * len(cuber.SCALE_LR_FACTORS)
-    assert {g["scale_learning_rate"] for g in grid} == {0.01, 0.01 * 0.1}
+    assert {g["scale_learning_rate"] for g in grid} == {0.01, 0.001}
     assert cuber.candidates("pmnist10", "cuber", scale_lr=1e-3) == [{"penalty_lambda": v} for v in cuber.GRID_PENALTY]
     chosen = tmp_path / "val.json"
     chosen.write_text('{"chosen": {"split/cuber": {"penalty_lambda": 1.0}}}')
