@@ -151,8 +151,9 @@ def report(records: dict[str, dict], command: str) -> tuple[str, object]:
         f"articles. Harness: lm-evaluation-harness, {cfg['harness_num_fewshot']}-shot, acc / acc_norm (%). Peak "
         f"memory: {first['train_info']['memory']['peak_source']} of the training window, each arm in its own process "
         "(runtime, weights, gradients, optimizer state, activations, temporaries). Step time: median over the "
-        "steps (the first step's SVD excluded); the arms run one after another, so on a shared machine the ratios "
-        "carry each arm's load (informational; no target).",
+        "steps (the first step's SVD excluded); each arm runs in its own process, one after another (or, with "
+        "--report-only, whenever its run was made), so on a shared machine the ratios carry each arm's load "
+        "(informational; no target).",
         "",
         markdown_table(["arm", "mode", "lr", "final held-out loss", f"/ {BASELINE}", "final train loss (last 5)",
                         "harness acc / acc_norm", "peak memory (MB)", f"/ {BASELINE}", "optimizer state (MB)",
