@@ -20,9 +20,9 @@ Protocol (fixed before the measured run; the learning rates are the only values 
   the layer-wise arm's choice (the same update, up to 8-bit rounding). The held-out articles are never used to
   choose. Amendment (06:20 UTC, after the first validation runs, where both best values lay on the grid's top
   edge): a grid whose best value is its largest is extended by doubling until the best is inside it (AdamW: 4e-4
-  added, best 2e-4; GaLore: 8e-4 and 1.6e-3 added, best 8e-4). Amendment 2 (2026-12-02 11:40 UTC, after the
-  held-out run had missed the loss target, +2.33%; the held-out numbers were therefore seen, the choice still uses
-  the validation articles only): GaLore's rank is chosen too, from {8, 32, 128} at lr 8e-4, lowest validation loss
+  added, best 2e-4; GaLore: 8e-4 and 1.6e-3 added, best 8e-4). Amendment 2 (2026-12-02, after the held-out
+  run had missed the loss target, +2.33%, so the held-out numbers had been seen; written down after the rank-32
+  validation run and before the rank-128 one; the choice uses the validation articles only): GaLore's rank is chosen too, from {8, 32, 128} at lr 8e-4, lowest validation loss
   (ties: the smaller rank), for both GaLore arms. Every run: ``results/main_job_validation.md``.
   Validation runs (``recipes/finetune_lm.py``, per run)::
 
