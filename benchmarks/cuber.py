@@ -18,8 +18,8 @@ numbers):
 - digits sequences (sklearn's 8x8 digits, MLP 64-100-100, 5 seeds, 5 epochs, lr 0.1, batch 10): ``split``
   (multi-head), ``permuted``, ``correlated`` and ``graded`` (shared head); see :func:`make_sequence`.
 - Every strategy uses the library defaults (the paper's): epsilon_1 0.5, epsilon_2 0, trust region of 2, TRGP scales
-  for regimes 2/3 (trained at the model's lr, as TRGP's code, unless validation chooses a tenth of it), demotion at every step, correlation on
-  whole layer gradients.
+  for regimes 2/3 (trained at the model's lr, as TRGP's code, unless validation chooses a tenth of it), demotion
+  at every step, correlation on whole layer gradients.
 - Chosen on validation only: CUBER's penalty lambda in {0.1, 1, 10}, on every sequence, by mean validation ACC
   (ties: higher BWT) over the validation seeds (1000-1001 on digits; 1000 with 1 epoch per task on the MNIST
   sequences, to fit the shared machine); 20% of each task's training images are held out and the model trained
@@ -69,6 +69,7 @@ NOTES = (
     "follows the paper's Algorithm 1 (`hf_lowrank/cuber/projection.py` lists the choices the paper leaves open)."
 )
 STRATEGIES = ("finetune", "gpm", "trgp", "cuber")
+SCALED_STRATEGIES = ("trgp", "cuber")  # the strategies with TRGP's scales
 SEQUENCES = ("pmnist10", "overlap", "split", "permuted", "correlated", "graded")
 MNIST_SEQUENCES = ("pmnist10", "overlap")
 MULTI_HEAD = {"split": 5, "overlap": len(OVERLAP_CLASSES)}
@@ -268,10 +269,11 @@ def candidates(sequence: str, strategy: str, scale_lr: float | None = None):
     """The validation grid of one strategy: CUBER's lambda and, unless ``scale_lr`` fixes it, the scales' lr (TRGP
     and CUBER; :data:`SCALE_LR_FACTORS` x the sequence's lr)."""
     penalties = [{"penalty_lambda": value} for value in GRID_PENALTY] if strategy == "cuber" else [{}]
-    if strategy not in ("trgp", "cuber") or scale_lr is not None:
+    if strategy not in SCALED_STRATEGIES or scale_lr is not None:
         return penalties
     lr = sequence_settings(sequence)["lr"]
-    return [{**penalty, "scale_learning_rate": round(factor * lr, 12)} for penalty in penalties for factor in SCALE_LR_FACTORS]
+    return [{**penalty, "scale_learning_rate": round(factor * lr, 12)}
+            for penalty in penalties for factor in SCALE_LR_FACTORS]
 
 
 def select(sequence: str, strategy: str, args, log, fixed=None):
@@ -356,15 +358,15 @@ def main(argv=None):
     for sequence in args.sequences:
         for strategy in args.strategies:
             overrides = ({"scale_learning_rate": args.scale_lr}
-                         if args.scale_lr is not None and strategy in ("trgp", "cuber") else {})
-            if args.chosen_from and strategy in ("trgp", "cuber"):
+                         if args.scale_lr is not None and strategy in SCALED_STRATEGIES else {})
+            if args.chosen_from and strategy in SCALED_STRATEGIES:
                 earlier = json.loads(args.chosen_from.read_text())["chosen"]
                 if f"{sequence}/{strategy}" not in earlier:
                     raise SystemExit(f"--chosen-from {args.chosen_from}: no choice for {sequence}/{strategy} in it "
                                      f"(it has {sorted(earlier)}); run --validate-only for that sequence first.")
                 overrides = {**overrides, **earlier[f"{sequence}/{strategy}"]}
                 chosen[(sequence, strategy)] = describe(overrides)
-            elif args.select and strategy in ("trgp", "cuber"):
+            elif args.select and strategy in SCALED_STRATEGIES:
                 overrides = select(sequence, strategy, args, validation_log, fixed=overrides)
                 chosen[(sequence, strategy)] = describe(overrides)
                 chosen_overrides[f"{sequence}/{strategy}"] = overrides
@@ -457,7 +459,7 @@ def write_report(args, record: dict):
               "the number of old tasks in regime 1 / 2 / 3.", "",
               "| sequence | strategy | task | layers (r1/r2/r3) |", "|---|---|---|---|"]
     for (sequence, strategy), entry in entries.items():
-        if strategy not in ("trgp", "cuber"):
+        if strategy not in SCALED_STRATEGIES:
             continue
         for t, per_layer in enumerate(entry["runs"][0]["regimes"], start=1):
             cells = ", ".join(f"{name} {c[0]}/{c[1]}/{c[2]}" for name, c in per_layer.items())
