@@ -30,6 +30,11 @@ numbers):
   diverged to NaN weights at lr 0.1): the scales' lr is chosen on validation too, for TRGP and CUBER on every
   sequence, from {1, 0.1} x the model lr (``SCALE_LR_FACTORS``), jointly with CUBER's lambda; on digits over 5
   validation seeds (1000-1004; a divergence in 1-2 of 5 seeds can hide from 2).
+- Amendment 2 (after CUBER's test seed 2 on ``correlated`` still diverged at the scale lr validation chose there):
+  the scales' update rule is chosen on validation too, from TRGP's plain gradient and our preconditioned one
+  (``ContinualConfig.scale_update``; damping fixed at ``SCALE_DAMPING`` before any run, not tuned), crossed with the
+  scale lrs above and CUBER's lambda, for TRGP and CUBER on every sequence; every validation grid and every row that
+  uses a scale (TRGP, CUBER) is rerun under it. Same seeds, epochs and selection rule.
 
     python benchmarks/cuber.py                                   # everything (about 1.5 h on one core)
     python benchmarks/cuber.py --sequences overlap --strategies gpm cuber --seeds 2 --name cuber_overlap_quick
@@ -75,6 +80,7 @@ MNIST_SEQUENCES = ("pmnist10", "overlap")
 MULTI_HEAD = {"split": 5, "overlap": len(OVERLAP_CLASSES)}
 GRID_PENALTY = (0.1, 1.0, 10.0)  # CUBER's lambda, chosen on validation
 SCALE_LR_FACTORS = (1.0, 0.1)  # TRGP / CUBER: the scales' lr as a fraction of the model's, chosen on validation
+SCALE_UPDATES = ("gradient", "preconditioned")  # TRGP / CUBER: the scales' update rule, chosen on validation
 # TRGP's scales: `--scale-lr` fixes their learning rate; by default it is chosen on validation (SCALE_LR_FACTORS).
 # Runs before commit 666016e needed 1e-3 (1e-4 on pmnist10) because Trainer's `model.zero_grad()` did not clear the
 # scales' gradients (they are not model parameters), so every step applied the sum of all earlier gradients
@@ -266,14 +272,16 @@ def selective_bwt(matrix: AccuracyMatrix, trainer) -> tuple[float, int, int]:
 
 
 def candidates(sequence: str, strategy: str, scale_lr: float | None = None):
-    """The validation grid of one strategy: CUBER's lambda and, unless ``scale_lr`` fixes it, the scales' lr (TRGP
-    and CUBER; :data:`SCALE_LR_FACTORS` x the sequence's lr)."""
+    """The validation grid of one strategy: CUBER's lambda and (TRGP, CUBER) the scales' update rule
+    (:data:`SCALE_UPDATES`) and, unless ``scale_lr`` fixes it, their lr (:data:`SCALE_LR_FACTORS` x the sequence's
+    lr)."""
     penalties = [{"penalty_lambda": value} for value in GRID_PENALTY] if strategy == "cuber" else [{}]
-    if strategy not in SCALED_STRATEGIES or scale_lr is not None:
+    if strategy not in SCALED_STRATEGIES:
         return penalties
     lr = sequence_settings(sequence)["lr"]
-    return [{**penalty, "scale_learning_rate": round(factor * lr, 12)}
-            for penalty in penalties for factor in SCALE_LR_FACTORS]
+    scale_lrs = [{}] if scale_lr is not None else [{"scale_learning_rate": round(f * lr, 12)} for f in SCALE_LR_FACTORS]
+    return [{**penalty, "scale_update": update, **rate}
+            for penalty in penalties for update in SCALE_UPDATES for rate in scale_lrs]
 
 
 def select(sequence: str, strategy: str, args, log, fixed=None):

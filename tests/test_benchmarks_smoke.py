@@ -140,15 +140,18 @@ def test_colm_benchmark_runs_every_arm_and_reports_targets(tmp_path):
     assert_outputs(tmp_path, "colm", ["random-b", "random-2b", "colm"])
 
 
-def test_cuber_validation_grid_chooses_the_scales_lr_and_chosen_from_names_what_is_missing(tmp_path):
+def test_cuber_validation_grid_chooses_the_scales_update_and_lr_and_chosen_from_names_what_is_missing(tmp_path):
     from benchmarks import cuber
 
     assert cuber.candidates("correlated", "gpm") == [{}]
-    assert cuber.candidates("correlated", "trgp") == [{"scale_learning_rate": 0.1}, {"scale_learning_rate": 0.01}]
+    assert cuber.candidates("correlated", "trgp") == [
+        {"scale_update": update, "scale_learning_rate": lr} for update in ("gradient", "preconditioned")
+        for lr in (0.1, 0.01)]
     grid = cuber.candidates("pmnist10", "cuber")
-    assert len(grid) == len(cuber.GRID_PENALTY) * len(cuber.SCALE_LR_FACTORS)
+    assert len(grid) == len(cuber.GRID_PENALTY) * len(cuber.SCALE_UPDATES) * len(cuber.SCALE_LR_FACTORS)
     assert {g["scale_learning_rate"] for g in grid} == {0.01, 0.001}
-    assert cuber.candidates("pmnist10", "cuber", scale_lr=1e-3) == [{"penalty_lambda": v} for v in cuber.GRID_PENALTY]
+    assert cuber.candidates("pmnist10", "cuber", scale_lr=1e-3) == [
+        {"penalty_lambda": v, "scale_update": update} for v in cuber.GRID_PENALTY for update in cuber.SCALE_UPDATES]
     chosen = tmp_path / "val.json"
     chosen.write_text('{"chosen": {"split/cuber": {"penalty_lambda": 1.0}}}')
     with pytest.raises(SystemExit, match="no choice for split/trgp"):

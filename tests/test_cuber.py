@@ -417,6 +417,8 @@ def test_transformer_linear_layers_use_token_rows(tmp_path):
     (dict(penalty_lambda=-1.0), "penalty_lambda"),
     (dict(strategy="trgp", penalty_lambda=2.0), "penalty_lambda` is a cuber option"),
     (dict(strategy="gpm", trust_region_size=1), "trust_region_size"),
+    (dict(scale_update="adam"), "scale_update"),
+    (dict(strategy="gpm", scale_update="preconditioned"), "scale_update` is a trgp/cuber option"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -507,6 +509,34 @@ def test_scaled_weight_projection_matches_effective_weight():
             h.remove()
         identity = ScaledWeightProjection({name: {0: (basis, torch.eye(3))}})
         assert identity.weight_delta(name, module.weight).abs().max() < 1e-6
+
+
+def test_preconditioned_scale_step_moves_the_effective_weight_at_most_one_weight_gradient():
+    """With ``M = W B`` of norm 10, a plain unit step on Q moves ``W_eff`` by up to ``‖M‖² ‖G‖``; the preconditioned
+    step ``(MᵀM + δI)⁻¹ ∇_Q`` moves it by ``P_M G B Bᵀ``, at most ``‖G‖``."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5, bias=False)
+    basis = torch.linalg.qr(torch.randn(6, 3))[0]
+    with torch.no_grad():
+        lin.weight.mul_(10 / (lin.weight @ basis).norm())
+    x, target = torch.randn(8, 6), torch.randn(8, 5)
+    steps = {}
+    for preconditioned in (False, True):
+        q = torch.eye(3).requires_grad_(True)
+        projection = ScaledWeightProjection({"lin": {0: (basis, q)}}, preconditioned=preconditioned)
+        handles = projection.attach({"lin": lin})
+        (lin(x) * target).sum().backward()
+        for h in handles:
+            h.remove()
+        steps[preconditioned] = (lin.weight @ basis @ -q.grad @ basis.T).detach()
+    m = (lin.weight @ basis).detach()
+    g = target.T @ x  # ∂L/∂W_eff
+    plain = -m @ (m.T @ g @ basis) @ basis.T
+    torch.testing.assert_close(steps[False], plain, rtol=1e-4, atol=1e-4)
+    assert steps[False].norm() > 5 * g.norm()
+    assert steps[True].norm() <= g.norm()
+    projector = m @ torch.linalg.pinv(m)
+    torch.testing.assert_close(steps[True], -projector @ g @ basis @ basis.T, rtol=1e-3, atol=1e-3)
 
 
 def test_forward_transfer_trains_scales_keeps_old_task_and_resumes(tmp_path):

@@ -9,7 +9,8 @@ CORRELATION_TESTS = ("gradient", "projection")
 DEMOTIONS = ("step", "epoch", "none")
 CUBER_OPTIONS = ("epsilon_2", "correlation_test", "penalty_lambda", "demotion", "backward_transfer_modules",
                  "backward_scale", "gradient_holdout")
-TRUST_REGION_OPTIONS = ("epsilon_1", "forward_transfer", "trust_region_size", "scale_learning_rate")
+TRUST_REGION_OPTIONS = ("epsilon_1", "forward_transfer", "trust_region_size", "scale_learning_rate", "scale_update")
+SCALE_UPDATES = ("gradient", "preconditioned")
 # GPM/TRGP's per-benchmark energy thresholds (CUBER reuses them): one value per target layer, or one for all;
 # CIFAR-100 adds 0.003 per finished task (`energy_threshold_increment`).
 PAPER_ENERGY_THRESHOLDS = {"pmnist": [0.95, 0.99, 0.99], "cifar100": 0.97, "5-datasets": 0.965, "miniimagenet": 0.985}
@@ -115,6 +116,14 @@ class ContinualConfig:
                   "They get their own parameter group (no weight decay, not clipped by `max_grad_norm`) and their "
                   "gradients are cleared after every step."},
     )
+    scale_update: str = field(
+        default="gradient",
+        metadata={"help": "trgp/cuber: 'gradient' (TRGP: the scale Q_j follows its plain gradient) or "
+                  "'preconditioned' (ours: the gradient times ((W B_j)^T W B_j + delta I)^-1, so that one step moves "
+                  "the effective weight by at most the scale lr times the weight gradient, whatever the norm of "
+                  "W B_j; a plain step moves it by up to that times ||W B_j||^2, which diverged on inputs far from "
+                  "the old tasks')."},
+    )
     head: str = field(
         default="shared",
         metadata={"help": "'shared' (one output layer for all tasks, projected like any layer) or 'multi' "
@@ -179,6 +188,9 @@ class ContinualConfig:
         if self.correlation_test not in CORRELATION_TESTS:
             raise ValueError(f"`correlation_test`={self.correlation_test!r} is not supported; use one of "
                              f"{list(CORRELATION_TESTS)}.")
+        if self.scale_update not in SCALE_UPDATES:
+            raise ValueError(f"`scale_update`={self.scale_update!r} is not supported; use one of "
+                             f"{list(SCALE_UPDATES)}.")
         if self.demotion not in DEMOTIONS:
             raise ValueError(f"`demotion`={self.demotion!r} is not supported; use one of {list(DEMOTIONS)}.")
         if isinstance(self.penalty_lambda, bool) or not isinstance(self.penalty_lambda, (int, float)) or \

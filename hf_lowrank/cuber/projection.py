@@ -280,6 +280,18 @@ class GradientProjection:
         return [optimizer.register_step_pre_hook(self._pre_step), optimizer.register_step_post_hook(self._post_step)]
 
 
+SCALE_DAMPING = 1e-4  # δ of the preconditioned scale update, relative to the mean eigenvalue of (W B_j)ᵀ W B_j
+
+
+def precondition_scale_grad(grad: torch.Tensor, weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``(MᵀM + δI)⁻¹ grad`` with ``M = W B_j`` and ``δ`` = :data:`SCALE_DAMPING` x ``tr(MᵀM) / r``."""
+    m = weight_matrix(weight.detach()).to(grad) @ basis.to(grad)
+    gram = m.T @ m
+    eye = torch.eye(gram.shape[0], device=grad.device, dtype=grad.dtype)
+    damping = SCALE_DAMPING * gram.diagonal().mean() + torch.finfo(grad.dtype).tiny
+    return torch.linalg.solve(gram + damping * eye, grad)
+
+
 class ScaledWeightProjection:
     """TRGP's scaled weight projection (Lin et al., ICLR 2022), CUBER's forward-transfer part.
 
@@ -290,14 +302,18 @@ class ScaledWeightProjection:
     evaluated. Implemented as a forward hook adding ``x ΔWᵀ`` (Linear) or ``conv(x, ΔW)`` (Conv2d) to the output;
     ``W``'s gradient also flows through the scaled term (and is then projected as usual). The scales' own gradient
     ``(W B_j)ᵀ (∂L/∂W_eff) B_j`` is not projected (as in TRGP); :meth:`attach_optimizer` hands them to the
-    optimizer.
+    optimizer. ``preconditioned`` (ours, ``scale_update="preconditioned"``) multiplies that gradient by
+    ``(MᵀM + δI)⁻¹`` with ``M = W B_j``: a step then changes ``W_eff`` by ``-lr M (MᵀM + δI)⁻¹ Mᵀ G B_j B_jᵀ``,
+    never more than ``lr ‖G‖``, where the plain step can reach ``lr ‖M‖² ‖G‖``.
     """
 
-    def __init__(self, scales: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]):
+    def __init__(self, scales: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]], preconditioned: bool = False):
         self.scales = scales  # layer -> {old task: (basis B_j, scale Q_j)}
+        self.preconditioned = preconditioned
 
     @classmethod
-    def identity(cls, memory_layers: dict[str, LayerMemory], trust_regions: dict[str, list[int]], device=None):
+    def identity(cls, memory_layers: dict[str, LayerMemory], trust_regions: dict[str, list[int]], device=None,
+                 preconditioned: bool = False):
         """Fresh trainable scales ``Q_j = I`` for each layer's trust-region tasks."""
         scales = {}
         for name, tasks in trust_regions.items():
@@ -306,7 +322,7 @@ class ScaledWeightProjection:
                 j: (bases[j], torch.eye(bases[j].shape[1], device=device).requires_grad_(True))
                 for j in tasks if bases[j].shape[1]
             }
-        return cls({n: s for n, s in scales.items() if s})
+        return cls({n: s for n, s in scales.items() if s}, preconditioned)
 
     @classmethod
     def from_memory(cls, memory_layers: dict[str, LayerMemory], task_index: int):
@@ -348,10 +364,15 @@ class ScaledWeightProjection:
         return delta.reshape(weight.shape)
 
     def attach(self, layers: dict[str, nn.Module]) -> list:
-        """Register the forward hooks on the layers that have scales; returns the handles."""
+        """Register the forward hooks on the layers that have scales (and, when ``preconditioned``, the scales'
+        gradient hooks); returns the handles."""
         handles = []
         for name in self.scales:
             module = layers[name]
+            if self.preconditioned:
+                for basis, scale in self.scales[name].values():
+                    handles.append(scale.register_hook(
+                        lambda grad, module=module, basis=basis: precondition_scale_grad(grad, module.weight, basis)))
 
             def hook(module, args, output, name=name):
                 delta = self.weight_delta(name, module.weight)

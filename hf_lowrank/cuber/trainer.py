@@ -398,7 +398,8 @@ class ContinualTrainer(Trainer):
                                 for name in names}
         self.correlation_history.append(record)
         if not retest and config.uses_scales:
-            self._scaled = ScaledWeightProjection.identity(self.memory.layers, self._trust_regions, self.args.device)
+            self._scaled = ScaledWeightProjection.identity(self.memory.layers, self._trust_regions, self.args.device,
+                                                           preconditioned=config.scale_update == "preconditioned")
         backward = None
         if config.strategy == "cuber":
             if not retest:  # W^{t-1}, what the penalty measures the change from
