@@ -279,7 +279,8 @@ def candidates(sequence: str, strategy: str, scale_lr: float | None = None):
     if strategy not in SCALED_STRATEGIES:
         return penalties
     lr = sequence_settings(sequence)["lr"]
-    scale_lrs = [{}] if scale_lr is not None else [{"scale_learning_rate": round(f * lr, 12)} for f in SCALE_LR_FACTORS]
+    scale_lrs = ([{}] if scale_lr is not None
+                 else [{"scale_learning_rate": round(f * lr, 12)} for f in SCALE_LR_FACTORS])
     return [{**penalty, "scale_update": update, **rate}
             for penalty in penalties for update in SCALE_UPDATES for rate in scale_lrs]
 
