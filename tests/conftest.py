@@ -34,7 +34,7 @@ def prepare_for_mode(model, mode):
     return model
 
 
-def make_tiny_llama(hidden=64, layers=2, intermediate=128, vocab=256, heads=4, seed=0):
+def make_tiny_llama(hidden=64, layers=2, intermediate=128, vocab=256, heads=4, seed=0, tie_word_embeddings=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -46,7 +46,7 @@ def make_tiny_llama(hidden=64, layers=2, intermediate=128, vocab=256, heads=4, s
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=128,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(config)
 

@@ -332,3 +332,34 @@ def test_release_state_frees_a_parameter_and_it_restarts_fresh():
     optimizer.step()  # reactivated: fresh moments and a refitted projector
     weight = model.model.layers[0].mlp.up_proj.weight
     assert optimizer.state[weight]["moment_step"] == 1 and optimizer.state[weight]["projector"]
+
+
+@pytest.mark.parametrize("mode", ["galore", "galore_8bit"])
+def test_tied_embedding_gets_a_sparse_lookup_gradient_and_the_same_update(mode):
+    """The tied embedding's lookup gradient is made sparse (one dense vocab x hidden gradient instead of two at the
+    end of backward); the update equals the dense one up to rounding, untied embeddings are left alone, and
+    remove_hooks restores the flag."""
+    reference = prepare_for_mode(make_tiny_llama(tie_word_embeddings=True), mode)
+    model = copy.deepcopy(reference)
+    embedding = model.get_input_embeddings()
+    assert embedding.weight is model.get_output_embeddings().weight
+    data = batches(GAP)  # before the first refresh: SVD bases then amplify rounding differences
+    dense = make_layerwise(make_optimizer(reference, mode), reference, sparse_tied_embeddings=False)
+    assert not reference.get_input_embeddings().sparse
+    sparse = make_layerwise(make_optimizer(model, mode), model)
+    assert embedding.sparse
+    layouts = []
+    embedding.weight.register_hook(lambda grad: layouts.append(grad.layout))  # the summed gradient
+    for ids in data:
+        backward(reference, ids)
+        backward(model, ids)
+    assert layouts == [torch.strided] * len(data)  # the head's dense gradient plus the lookup's rows
+    assert_same_parameters(reference, model, rtol=1e-5, atol=1e-6)
+    sparse.remove_hooks()
+    dense.remove_hooks()
+    assert not embedding.sparse
+
+    untied = make_tiny_llama()
+    optimizer = make_layerwise(make_optimizer(untied), untied)
+    assert not untied.get_input_embeddings().sparse
+    optimizer.remove_hooks()

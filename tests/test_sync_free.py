@@ -11,8 +11,8 @@ from hf_lowrank.optim.syncs import HostSyncCounter
 from tests.conftest import make_tiny_llama, prepare_for_mode
 
 
-def one_step(mode, layerwise, gap, device="cpu"):
-    model = prepare_for_mode(make_tiny_llama().to(device), mode)
+def one_step(mode, layerwise, gap, device="cpu", tied=False):
+    model = prepare_for_mode(make_tiny_llama(tie_word_embeddings=tied).to(device), mode)
     optimizer = create_optimizer(model, mode, rank=8, update_proj_gap=gap, lr=1e-3, min_8bit_size=256,
                                  layerwise=layerwise)
     ids = torch.randint(0, 256, (2, 8), device=device)
@@ -32,6 +32,12 @@ def one_step(mode, layerwise, gap, device="cpu"):
 @pytest.mark.parametrize("mode", available_modes())
 def test_a_step_without_refresh_never_reads_the_device_from_the_host(device, mode, layerwise):
     assert one_step(mode, layerwise, gap=100, device=device) == {}
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("mode", ["galore", "galore_8bit"])
+def test_the_sparse_lookup_gradient_of_a_tied_embedding_adds_no_sync(device, mode):
+    assert one_step(mode, layerwise=True, gap=100, device=device, tied=True) == {}
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])

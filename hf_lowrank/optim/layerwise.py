@@ -29,6 +29,14 @@ Multi-process training:
 * Any other multi-process run (replicas without DDP) is refused at the first backward: each rank would update
   from its own gradient.
 
+Tied embeddings (a causal LM's ``lm_head`` sharing the input embedding, as LLaMA-small, SmolLM2 and GPT-2 do) are
+the one parameter whose gradient cannot be freed early: the head's dense ``vocab x hidden`` contribution is held
+from the start of backward until the lookup adds its own at the end. A dense lookup gradient is a second full
+``vocab x hidden`` tensor at that moment (113 MB on SmolLM2-135M); in a single process the wrapper therefore sets
+``sparse=True`` on such embeddings (``sparse_tied_embeddings``), so the lookup adds only its rows into the head's
+gradient. The summed gradient stays dense and the update is the same; ``remove_hooks()`` restores the flag. Under
+DDP / FSDP2 the embeddings are left dense (their reducers expect one gradient layout per parameter).
+
 Global gradient clipping (``TrainingArguments.max_grad_norm``) cannot be applied layer-wise: a parameter
 is already updated before the norm of the others is known. The callback refuses ``max_grad_norm > 0``, and
 fp16 loss scaling (the scaler unscales in ``optimizer.step()``, too late); bf16 works. Checkpoints are the
@@ -65,12 +73,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             which ``Trainer`` and ``Accelerator.accumulate`` set on the last micro-batch (and which is ``True``
             when no Accelerator drives the loop, i.e. a step on every backward). An int ``k`` counts backward
             passes per parameter instead and steps on every ``k``-th: use it in a plain loop without accelerate.
+        sparse_tied_embeddings: in a single process, give the embeddings whose weight is tied to another module a
+            sparse lookup gradient (see the module docstring); ``False`` leaves the model untouched.
 
     ``step()`` and ``zero_grad()`` exist so training loops keep working: the updates already happened inside
     backward, and the gradients they freed are ``None``.
     """
 
-    def __init__(self, optimizer, model, *, gradient_accumulation_steps=None):
+    def __init__(self, optimizer, model, *, gradient_accumulation_steps=None, sparse_tied_embeddings=True):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"make_layerwise: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer)}.")
         if not callable(getattr(optimizer, "step_parameter", None)):
@@ -115,6 +125,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if ddp is not None:
             self.attach_ddp(ddp)
         self._hooks.append(model.register_forward_pre_hook(self._before_forward))
+        self._sparsified = self._sparsify_tied_embeddings() if sparse_tied_embeddings and ddp is None else []
+
+    def _sparsify_tied_embeddings(self) -> list:
+        """Set ``sparse=True`` on the dense embeddings whose (hooked) weight another module shares; single process
+        only. Returns the modules changed."""
+        if world()[1] > 1:
+            return []
+        names = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(param, []).append(name)
+        changed = [module for module in self.model.modules()
+                   if isinstance(module, torch.nn.Embedding) and not module.sparse
+                   and module.weight in self._hooked_params and len(names.get(module.weight, ())) > 1]
+        for module in changed:
+            module.sparse = True
+        return changed
 
     # The wrapper has no state of its own: groups, state and defaults are the inner optimizer's (like
     # accelerate's AcceleratedOptimizer), so schedulers and checkpoints see the real thing even after
@@ -258,6 +284,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._step(param, group_index)
 
     def _step(self, param, group_index):
+        if param.grad.is_sparse:  # a sparsified tied embedding whose other use got no gradient this backward
+            param.grad = param.grad.to_dense()
         self._record_grad_norm(param)
         self.optimizer.step_parameter(param, self.optimizer.param_groups[group_index])
         param.grad = None
@@ -317,16 +345,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             hook.remove()
         for param in self._hooked_params:
             _HOOK_OWNERS.pop(param, None)
+        for module in self._sparsified:
+            module.sparse = False
         self._hooks.clear()
         self._hooked_params.clear()
+        self._sparsified = []
 
     def __repr__(self):
         return f"LayerwiseOptimizer({self.optimizer!r})"
 
 
-def make_layerwise(optimizer, model, *, gradient_accumulation_steps=None):
+def make_layerwise(optimizer, model, *, gradient_accumulation_steps=None, sparse_tied_embeddings=True):
     """Wrap ``optimizer`` so each parameter of ``model`` is updated inside backward; see :class:`LayerwiseOptimizer`."""
-    return LayerwiseOptimizer(optimizer, model, gradient_accumulation_steps=gradient_accumulation_steps)
+    return LayerwiseOptimizer(optimizer, model, gradient_accumulation_steps=gradient_accumulation_steps,
+                              sparse_tied_embeddings=sparse_tied_embeddings)
 
 
 def remove_layerwise_hooks(model):
