@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 from accelerate.state import GradientState
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_lowrank.optim import ProjectedOptimizer, available_modes, create_optimizer, get_mode
 from hf_lowrank.optim.layerwise import LayerwiseOptimizer, make_layerwise, remove_layerwise_hooks
@@ -334,32 +335,89 @@ def test_release_state_frees_a_parameter_and_it_restarts_fresh():
     assert optimizer.state[weight]["moment_step"] == 1 and optimizer.state[weight]["projector"]
 
 
-@pytest.mark.parametrize("mode", ["galore", "galore_8bit"])
-def test_tied_embedding_gets_a_sparse_lookup_gradient_and_the_same_update(mode):
-    """The tied embedding's lookup gradient is made sparse (one dense vocab x hidden gradient instead of two at the
-    end of backward); the update equals the dense one up to rounding, untied embeddings are left alone, and
-    remove_hooks restores the flag."""
-    reference = prepare_for_mode(make_tiny_llama(tie_word_embeddings=True), mode)
-    model = copy.deepcopy(reference)
-    embedding = model.get_input_embeddings()
-    assert embedding.weight is model.get_output_embeddings().weight
-    data = batches(GAP)  # before the first refresh: SVD bases then amplify rounding differences
-    dense = make_layerwise(make_optimizer(reference, mode), reference, sparse_tied_embeddings=False)
-    assert not reference.get_input_embeddings().sparse
-    sparse = make_layerwise(make_optimizer(model, mode), model)
-    assert embedding.sparse
-    layouts = []
-    embedding.weight.register_hook(lambda grad: layouts.append(grad.layout))  # the summed gradient
-    for ids in data:
-        backward(reference, ids)
-        backward(model, ids)
-    assert layouts == [torch.strided] * len(data)  # the head's dense gradient plus the lookup's rows
-    assert_same_parameters(reference, model, rtol=1e-5, atol=1e-6)
-    sparse.remove_hooks()
-    dense.remove_hooks()
-    assert not embedding.sparse
+def tied_llama(mode="galore"):
+    model = make_tiny_llama(tie_word_embeddings=True)
+    model.model.embed_tokens.padding_idx = 0  # as F.embedding: the padding row gets no lookup gradient
+    return prepare_for_mode(model, mode)
 
+
+def tied_batches(count):
+    data = batches(count)
+    for ids in data:
+        ids[0, :3] = 0  # padding tokens
+    return data
+
+
+class FullSizeTensors(TorchDispatchMode):
+    """Counts the new (not in-place, not view) tensors of one shape that ops create while ``active``."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.active, self.created = tuple(shape), True, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if (self.active and isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape
+                and not name.endswith("_") and not func.is_view):
+            self.created.append(name)
+        return out
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("mode", ["galore", "galore_8bit"])
+def test_tied_embedding_lookup_rows_are_added_in_place_with_the_normal_update(mode, accumulation):
+    """Tied input/output embeddings: the same update as a normal step (padding row, gradient accumulation)."""
+    reference = tied_llama(mode)
+    model = copy.deepcopy(reference)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    data = tied_batches(GAP * accumulation)  # before the second refresh: SVD bases amplify rounding differences
+    train_reference(reference, data, accumulation, mode)
+    optimizer = make_layerwise(make_optimizer(model, mode), model, gradient_accumulation_steps=accumulation)
+    scheduler = warmup_schedule(optimizer)
+    for start in range(0, len(data), accumulation):
+        for ids in data[start : start + accumulation]:
+            backward(model, ids, 1 / accumulation)
+        optimizer.step()
+        scheduler.step()
+    optimizer.remove_hooks()
+    assert_same_parameters(reference, model, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("inplace, expected", [(True, ["mm"]), (False, ["mm", "embedding_dense_backward", "add"])])
+def test_tied_embedding_backward_creates_one_full_size_gradient(inplace, expected):
+    """Until the tied weight is stepped, backward creates only the head's vocab x hidden gradient; autograd's
+    default also creates the lookup's and their sum."""
+    model = tied_llama()
+    weight = model.get_input_embeddings().weight
+    inner = make_optimizer(model)
+    step_parameter = inner.step_parameter
+    counter = FullSizeTensors(weight.shape)
+
+    def stop_at_the_tied_step(p, group):
+        counter.active = counter.active and p is not weight
+        step_parameter(p, group)
+
+    inner.step_parameter = stop_at_the_tied_step
+    optimizer = make_layerwise(inner, model, inplace_tied_embeddings=inplace)
+    ids = tied_batches(1)[0]
+    loss = model(input_ids=ids, labels=ids).loss
+    with counter:
+        loss.backward()
+    optimizer.remove_hooks()
+    assert not counter.active  # the tied weight was stepped inside backward
+    assert counter.created == expected
+
+
+def test_tied_lookup_routing_leaves_eval_and_untied_models_alone():
+    model = tied_llama()
+    optimizer = make_layerwise(make_optimizer(model), model)
+    ids = tied_batches(1)[0]
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.grad_fn is None
+    optimizer.remove_hooks()
     untied = make_tiny_llama()
     optimizer = make_layerwise(make_optimizer(untied), untied)
-    assert not untied.get_input_embeddings().sparse
+    assert len(optimizer._hooks) == len(list(untied.parameters())) + 1  # a grad hook each and the forward pre-hook
     optimizer.remove_hooks()

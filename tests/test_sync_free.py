@@ -36,7 +36,7 @@ def test_a_step_without_refresh_never_reads_the_device_from_the_host(device, mod
 
 @pytest.mark.device
 @pytest.mark.parametrize("mode", ["galore", "galore_8bit"])
-def test_the_sparse_lookup_gradient_of_a_tied_embedding_adds_no_sync(device, mode):
+def test_the_in_place_lookup_rows_of_a_tied_embedding_add_no_sync(device, mode):
     assert one_step(mode, layerwise=True, gap=100, device=device, tied=True) == {}
 
 

@@ -29,13 +29,14 @@ Multi-process training:
 * Any other multi-process run (replicas without DDP) is refused at the first backward: each rank would update
   from its own gradient.
 
-Tied embeddings (a causal LM's ``lm_head`` sharing the input embedding, as LLaMA-small, SmolLM2 and GPT-2 do) are
-the one parameter whose gradient cannot be freed early: the head's dense ``vocab x hidden`` contribution is held
-from the start of backward until the lookup adds its own at the end. A dense lookup gradient is a second full
-``vocab x hidden`` tensor at that moment (113 MB on SmolLM2-135M); in a single process the wrapper therefore sets
-``sparse=True`` on such embeddings (``sparse_tied_embeddings``), so the lookup adds only its rows into the head's
-gradient. The summed gradient stays dense and the update is the same; ``remove_hooks()`` restores the flag. Under
-DDP / FSDP2 the embeddings are left dense (their reducers expect one gradient layout per parameter).
+Tied embeddings (a causal LM's ``lm_head`` sharing the input embedding, as SmolLM2, small LLaMAs and GPT-2 do) are
+the one parameter with two uses in one backward: autograd would hold the head's dense ``vocab x hidden`` gradient
+from the start of backward to its end and then add the lookup's gradient into a new tensor, i.e. two or three
+full-size gradients at once (113 MB each on SmolLM2-135M). In a single process the wrapper instead lets the head's
+gradient land in ``.grad`` at once and adds the looked-up rows into it in place (``index_add_``) when the lookup's
+backward runs, then steps the parameter: one full-size gradient, the same update (``inplace_tied_embeddings``;
+the lookup must come before the tied use in the forward, as input embeddings before an output head do). Under
+DDP / FSDP2 tied embeddings follow autograd's default (their reducers own the gradient).
 
 Global gradient clipping (``TrainingArguments.max_grad_norm``) cannot be applied layer-wise: a parameter
 is already updated before the norm of the others is known. The callback refuses ``max_grad_norm > 0``, and
@@ -73,14 +74,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             which ``Trainer`` and ``Accelerator.accumulate`` set on the last micro-batch (and which is ``True``
             when no Accelerator drives the loop, i.e. a step on every backward). An int ``k`` counts backward
             passes per parameter instead and steps on every ``k``-th: use it in a plain loop without accelerate.
-        sparse_tied_embeddings: in a single process, give the embeddings whose weight is tied to another module a
-            sparse lookup gradient (see the module docstring); ``False`` leaves the model untouched.
+        inplace_tied_embeddings: in a single process, add the lookup gradient of embeddings whose weight another
+            module shares into ``.grad`` in place (see the module docstring); ``False``: autograd's default.
 
     ``step()`` and ``zero_grad()`` exist so training loops keep working: the updates already happened inside
     backward, and the gradients they freed are ``None``.
     """
 
-    def __init__(self, optimizer, model, *, gradient_accumulation_steps=None, sparse_tied_embeddings=True):
+    def __init__(self, optimizer, model, *, gradient_accumulation_steps=None, inplace_tied_embeddings=True):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"make_layerwise: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer)}.")
         if not callable(getattr(optimizer, "step_parameter", None)):
@@ -125,22 +126,47 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if ddp is not None:
             self.attach_ddp(ddp)
         self._hooks.append(model.register_forward_pre_hook(self._before_forward))
-        self._sparsified = self._sparsify_tied_embeddings() if sparse_tied_embeddings and ddp is None else []
+        self._pending_lookups = {}  # tied embedding weight -> lookups of this backward whose rows are still to come
+        if inplace_tied_embeddings and ddp is None and world()[1] == 1:
+            self._route_tied_lookups()
 
-    def _sparsify_tied_embeddings(self) -> list:
-        """Set ``sparse=True`` on the dense embeddings whose (hooked) weight another module shares; single process
-        only. Returns the modules changed."""
-        if world()[1] > 1:
-            return []
+    def _route_tied_lookups(self) -> None:
+        """Hook the dense embeddings whose (hooked) weight another module shares, so their lookup gradient is added
+        in place (see the module docstring)."""
         names = {}
         for name, param in self.model.named_parameters(remove_duplicate=False):
             names.setdefault(param, []).append(name)
-        changed = [module for module in self.model.modules()
-                   if isinstance(module, torch.nn.Embedding) and not module.sparse
-                   and module.weight in self._hooked_params and len(names.get(module.weight, ())) > 1]
-        for module in changed:
-            module.sparse = True
-        return changed
+        for module in self.model.modules():
+            if (isinstance(module, torch.nn.Embedding) and not module.sparse and not module.scale_grad_by_freq
+                    and module.max_norm is None and module.weight in self._hooked_params
+                    and len(names.get(module.weight, ())) > 1):
+                self._hooks.append(module.register_forward_hook(self._tied_lookup_forward))
+
+    def _tied_lookup_forward(self, module, args, output):
+        """Detach the lookup from the weight (its gradient then only comes from the tied use) and put a node in
+        the graph whose backward adds the looked-up rows in place."""
+        weight = module.weight
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return None
+        self._pending_lookups[weight] = self._pending_lookups.get(weight, 0) + 1
+        anchor = torch.empty(0, device=output.device, requires_grad=True)  # makes the output require grad
+        return _LookupRows.apply(output.detach(), anchor, partial(self._add_lookup_rows, module, args[0]))
+
+    @torch.no_grad()
+    def _add_lookup_rows(self, module, ids, grad):
+        weight = module.weight
+        rows, values = ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        if module.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            values = values * (rows != module.padding_idx).unsqueeze(1).to(values.dtype)
+        if weight.grad is None:  # the tied use got no gradient in this backward
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, rows, values)
+        left = self._pending_lookups.get(weight, 1) - 1
+        if left > 0:
+            self._pending_lookups[weight] = left
+            return
+        self._pending_lookups.pop(weight, None)
+        self._on_grad_ready(self._group_index[weight], weight)
 
     # The wrapper has no state of its own: groups, state and defaults are the inner optimizer's (like
     # accelerate's AcceleratedOptimizer), so schedulers and checkpoints see the real thing even after
@@ -269,6 +295,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _on_grad_ready(self, group_index, param):
+        if self._pending_lookups.get(param):  # a tied embedding: the lookup's rows are added (and it steps) later
+            return
         if self._ddp is not None:  # DDP's communication hook steps it once its bucket is reduced; this hook runs
             self._ddp_ready[param] = self._is_last_micro_batch(param)  # before DDP's, on every backward
             return
@@ -284,8 +312,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._step(param, group_index)
 
     def _step(self, param, group_index):
-        if param.grad.is_sparse:  # a sparsified tied embedding whose other use got no gradient this backward
-            param.grad = param.grad.to_dense()
         self._record_grad_norm(param)
         self.optimizer.step_parameter(param, self.optimizer.param_groups[group_index])
         param.grad = None
@@ -328,6 +354,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._finish_grad_norm()
+        self._pending_lookups.clear()  # a forward whose loss was never backpropagated
         return loss
 
     def zero_grad(self, set_to_none=True):
@@ -345,20 +372,32 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             hook.remove()
         for param in self._hooked_params:
             _HOOK_OWNERS.pop(param, None)
-        for module in self._sparsified:
-            module.sparse = False
         self._hooks.clear()
         self._hooked_params.clear()
-        self._sparsified = []
+        self._pending_lookups.clear()
 
     def __repr__(self):
         return f"LayerwiseOptimizer({self.optimizer!r})"
 
 
-def make_layerwise(optimizer, model, *, gradient_accumulation_steps=None, sparse_tied_embeddings=True):
+class _LookupRows(torch.autograd.Function):
+    """Identity on an embedding's (detached) output whose backward hands the output gradient to ``add_rows``."""
+
+    @staticmethod
+    def forward(ctx, embedded, anchor, add_rows):
+        ctx.add_rows = add_rows
+        return embedded.view_as(embedded)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.add_rows(grad)
+        return None, None, None
+
+
+def make_layerwise(optimizer, model, *, gradient_accumulation_steps=None, inplace_tied_embeddings=True):
     """Wrap ``optimizer`` so each parameter of ``model`` is updated inside backward; see :class:`LayerwiseOptimizer`."""
     return LayerwiseOptimizer(optimizer, model, gradient_accumulation_steps=gradient_accumulation_steps,
-                              sparse_tied_embeddings=sparse_tied_embeddings)
+                              inplace_tied_embeddings=inplace_tied_embeddings)
 
 
 def remove_layerwise_hooks(model):
