@@ -728,3 +728,22 @@ def test_task_basis_is_chosen_among_union_directions_by_the_task_energy():
     assert energy(basis) >= 0.9 * float(torch.trace(cov)) - 1e-4
     fewer = [basis[:, [i for i in range(basis.shape[1]) if i != k]] for k in range(basis.shape[1])]
     assert all(energy(b) < 0.9 * float(torch.trace(cov)) for b in fewer)  # and no column can be left out
+
+
+def test_orthonormal_basis_survives_an_svd_that_fails_to_converge(monkeypatch):
+    """Two task bases sharing union directions repeat singular values exactly; LAPACK's SVD can then fail to
+    converge (seen on permuted MNIST). The Gram eigendecomposition gives the same span."""
+    from hf_lowrank.cuber import projection
+
+    union = torch.linalg.qr(torch.randn(20, 12, generator=torch.Generator().manual_seed(0)))[0]
+    columns = torch.cat([union[:, :8], union[:, 4:12]], 1)  # 4 shared directions: the span is union's 12
+    expected = projection._orthonormal(columns)
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    basis = projection._orthonormal(columns)
+    assert basis.shape == expected.shape == (20, 12)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(basis @ basis.T, expected @ expected.T, atol=1e-5, rtol=0)

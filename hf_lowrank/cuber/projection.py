@@ -103,7 +103,16 @@ def _orthonormal(columns: torch.Tensor, tolerance: float = 1e-3) -> torch.Tensor
     """Orthonormal basis of the span of ``columns`` (directions with singular value ≤ tolerance dropped)."""
     if columns.shape[1] == 0:
         return columns
-    u, s, _ = torch.linalg.svd(columns.float(), full_matrices=False)
+    try:
+        u, s, _ = torch.linalg.svd(columns.float(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # LAPACK's divide-and-conquer SVD can fail to converge on many exactly repeated singular values, as when
+        # two task bases share union directions (seen on permuted MNIST: 784 x 809); the Gram matrix's
+        # eigendecomposition gives the same span and does not fail (float64: its eigenvalues are s squared).
+        values, vectors = torch.linalg.eigh(columns.double().T @ columns.double())
+        s = values.clamp_min(0).sqrt()
+        keep = s > tolerance
+        return (columns.double() @ (vectors[:, keep] / s[keep])).float().contiguous()
     return u[:, s > tolerance].float().contiguous()
 
 
