@@ -477,16 +477,18 @@ def write_report(args, record: dict):
                   "", "| sequence | strategy | candidate | val ACC | val BWT |", "|---|---|---|---|---|"]
         lines += [f"| {v['sequence']} | {v['strategy']} | {v['candidate']} | {v['acc']:.2f} | {v['bwt']:+.2f} |"
                   for v in record["validation"]]
-    lines += ["", "Regimes at the start of each task, with the step demotions (3 → 2) applied (seed 0): per layer, "
-              "the number of old tasks in regime 1 / 2 / 3.", "",
-              "| sequence | strategy | task | layers (r1/r2/r3) |", "|---|---|---|---|"]
+    lines += ["", "Regimes at the start of each task, with the step demotions (3 → 2) applied (each row's first test "
+              "seed): per layer, the number of old tasks in regime 1 / 2 / 3.", "",
+              "| sequence | strategy | seed | task | layers (r1/r2/r3) |", "|---|---|---|---|---|"]
     for (sequence, strategy), entry in entries.items():
         if strategy not in SCALED_STRATEGIES:
             continue
-        for t, per_layer in enumerate(entry["runs"][0]["regimes"], start=1):
+        first = entry["runs"][0]
+        for t, per_layer in enumerate(first["regimes"], start=1):
             cells = ", ".join(f"{name} {c[0]}/{c[1]}/{c[2]}" for name, c in per_layer.items())
-            lines.append(f"| {sequence} | {strategy} | {t} | {cells} |")
-    lines += ["", "Memory held after the last task (seed 0): basis size / input dim and bytes per layer: union basis "
+            lines.append(f"| {sequence} | {strategy} | {first['seed']} | {t} | {cells} |")
+    lines += ["", "Memory held after the last task (each row's first test seed): basis size / input dim and bytes "
+              "per layer: union basis "
               "(GPM), per-task bases and TRGP scales (TRGP, CUBER), stored whole layer gradients (CUBER, what "
               "Definition 2 needs).", "",
               "| sequence | strategy | layer | basis | union bytes | task-basis bytes | stored-gradient bytes | "
@@ -538,7 +540,7 @@ def plot(args, entries):
             R = entry["detail"]["R"]
             matrix = AccuracyMatrix(R["task_ids"], [row[: i + 1] for i, row in enumerate(R["R"])])
             matrix.plot(str(args.out_dir / f"{args.name}_R_{sequence}_{strategy}.png"),
-                        title=f"{sequence} / {strategy} (seed 0)")
+                        title=f"{sequence} / {strategy} (seed {entry['detail']['seed']})")
 
 
 if __name__ == "__main__":
