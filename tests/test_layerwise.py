@@ -71,13 +71,8 @@ def train_reference(model, data, accumulation, mode="galore"):
     return optimizer
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-@pytest.mark.parametrize("mode", available_modes())
-def test_layerwise_matches_normal_step(models, mode, accumulation):
-    reference, model = (prepare_for_mode(m, mode) for m in models)
-    data = batches(3 * GAP * accumulation)
-    train_reference(reference, data, accumulation, mode)
-
+def train_layerwise(model, data, accumulation, mode="galore"):
+    """The same loop as :func:`train_reference`, stepping inside backward; detaches the hooks at the end."""
     optimizer = make_layerwise(make_optimizer(model, mode), model, gradient_accumulation_steps=accumulation)
     scheduler = warmup_schedule(optimizer)
     for start in range(0, len(data), accumulation):
@@ -86,6 +81,15 @@ def test_layerwise_matches_normal_step(models, mode, accumulation):
         optimizer.step()
         scheduler.step()
     optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("mode", available_modes())
+def test_layerwise_matches_normal_step(models, mode, accumulation):
+    reference, model = (prepare_for_mode(m, mode) for m in models)
+    data = batches(3 * GAP * accumulation)
+    train_reference(reference, data, accumulation, mode)
+    train_layerwise(model, data, accumulation, mode)
     assert_same_parameters(reference, model)
     assert all(p.grad is None for p in model.parameters())
 
@@ -373,14 +377,7 @@ def test_tied_embedding_lookup_rows_are_added_in_place_with_the_normal_update(mo
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     data = tied_batches(GAP * accumulation)  # before the second refresh: SVD bases amplify rounding differences
     train_reference(reference, data, accumulation, mode)
-    optimizer = make_layerwise(make_optimizer(model, mode), model, gradient_accumulation_steps=accumulation)
-    scheduler = warmup_schedule(optimizer)
-    for start in range(0, len(data), accumulation):
-        for ids in data[start : start + accumulation]:
-            backward(model, ids, 1 / accumulation)
-        optimizer.step()
-        scheduler.step()
-    optimizer.remove_hooks()
+    train_layerwise(model, data, accumulation, mode)
     assert_same_parameters(reference, model, rtol=1e-5, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
 
