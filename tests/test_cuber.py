@@ -645,7 +645,7 @@ def load_benchmark():
 def test_benchmark_merge_combines_per_run_files_and_adds_notes(tmp_path):
     bench = load_benchmark()
     runs = bench.OUT_DIR / "cuber_algorithm1_runs"
-    files = [str(runs / "r2_pmnist10_gpm_0.json"), str(runs / "r2_pmnist10_gpm_1.json")]
+    files = [str(runs / "r8_pmnist10_gpm_5.json"), str(runs / "r8_pmnist10_gpm_6.json")]
     bench.main(["--merge", *files, "--out-dir", str(tmp_path), "--name", "merged", "--note", "Rows X predate fix Y."])
     report = (tmp_path / "merged.md").read_text()
     assert "| pmnist10 | gpm | 2 |" in report
