@@ -747,3 +747,27 @@ def test_orthonormal_basis_survives_an_svd_that_fails_to_converge(monkeypatch):
     assert basis.shape == expected.shape == (20, 12)
     torch.testing.assert_close(basis.T @ basis, torch.eye(12), atol=1e-5, rtol=0)
     torch.testing.assert_close(basis @ basis.T, expected @ expected.T, atol=1e-5, rtol=0)
+
+
+def test_trainer_trains_the_scales_with_the_chosen_update_rule(tmp_path):
+    """``scale_update`` reaches the scales of every new task; the preconditioned rule gives other scales."""
+    from transformers import TrainerCallback
+
+    finals = {}
+    for rule in ("gradient", "preconditioned"):
+        seen = []
+
+        class Watch(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if trainer._scaled is not None and trainer._scaled.parameters():
+                    seen.append(trainer._scaled.preconditioned)
+
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / rule, TinyNet(), strategy="trgp", energy_threshold=1.0, epsilon_1=0.01,
+                               representation_samples=64, scale_update=rule)
+        trainer.add_callback(Watch())
+        trainer.train_task("old", low_rank_task(0), None)
+        trainer.train_task("new", low_rank_task(1), None)
+        assert seen and set(seen) == {rule == "preconditioned"}
+        finals[rule] = trainer.memory.layers["lin1"].task_scales[1][0]
+    assert not torch.allclose(finals["gradient"], finals["preconditioned"])
