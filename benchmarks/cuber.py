@@ -13,9 +13,9 @@ numbers):
   task, labels local to the task): classes {0,1,2,3}, {2,3,4,5}, {6,7}, {6,7,8,9}, {4,5,8,9}; a task uses every
   image of its classes. Task 1 overlaps task 0, task 2 is disjoint, task 3 overlaps task 2, task 4 overlaps tasks 1
   and 3. Same MLP and training as ``pmnist10``; thresholds [0.95, 0.99] (heads are task-specific, not projected);
-  test seeds as ``pmnist10``. Besides ACC/BWT it reports BWT-S (the paper's Table 2): for every new task, the accuracy change of the
-  old task with the most regime-3 layers at the start of the new task (when some layer has one), averaged over the
-  new tasks; and how often that old task is one the new task overlaps.
+  test seeds as ``pmnist10``. Besides ACC/BWT it reports BWT-S (the paper's Table 2): for every new task, the
+  accuracy change of the old task with the most regime-3 layers at the start of the new task (when some layer has
+  one), averaged over the new tasks; and how often that old task is one the new task overlaps.
 - digits sequences (sklearn's 8x8 digits, MLP 64-100-100, 5 seeds, 5 epochs, lr 0.1, batch 10): ``split``
   (multi-head), ``permuted``, ``correlated`` and ``graded`` (shared head); see :func:`make_sequence`.
 - Every strategy uses the library defaults (the paper's): epsilon_1 0.5, epsilon_2 0, trust region of 2, TRGP scales
