@@ -25,8 +25,13 @@ LOOSER = {
     # -+lr on the other; replicas are still bit-identical, and frugal_sgd checks the same code path continuously.
     "frugal": None,
     # FRUGAL's rank is 25% of the dimension; on this tiny batch the trailing singular values are nearly
-    # degenerate, so the subspace itself is sensitive to the 1e-7 gradient differences.
-    "frugal_sgd": 2e-2,
+    # degenerate, so the subspace itself is sensitive to the 1e-7 gradient differences (the error depends on the
+    # CPU's vector width: 3.2e-2 seen without AVX-512).
+    "frugal_sgd": 5e-2,
+    # 8-bit moments: a moment within fp32 rounding of a code boundary lands one code apart (1.7e-3 seen without
+    # AVX-512); replicas still agree bit for bit.
+    "adamw_8bit": 1e-2,
+    "galore_8bit": 1e-2,
     # Re-quantizing INT8 weights is a step function of the weight: an entry within fp32 rounding of a level
     # boundary lands one level apart on the two layouts (replicas agree bit for bit; see the replica test).
     "q_galore": 5e-2,

@@ -114,7 +114,9 @@ def test_8bit_slices_equal_one_fused_update(monkeypatch, low_rank):
         assert torch.equal(codes[2], codes[1])  # the NaN step left the moments as they were
         results.append((weight.detach().clone(), codes[-1], optimizer.state[weight]["exp_avg_sq_absmax"].clone()))
     (fused_weight, fused_codes, fused_absmax), (sliced_weight, sliced_codes, sliced_absmax) = results
-    assert ((sliced_weight - fused_weight).norm() / (fused_weight - start).norm()).item() < 1e-6
+    # Same math, different fp32 operation order (bitsandbytes' C kernel vs torch's fused AdamW on slices), so an
+    # occasional code lands one step apart; how often depends on the CPU's vector width (3.6e-6 seen without AVX-512).
+    assert ((sliced_weight - fused_weight).norm() / (fused_weight - start).norm()).item() < 1e-5
     assert (sliced_codes.int() - fused_codes.int()).abs().max().item() <= 1
     torch.testing.assert_close(sliced_absmax, fused_absmax, rtol=1e-6, atol=0)
 
