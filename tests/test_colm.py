@@ -161,6 +161,19 @@ def test_random_selection_ablation_keeps_small_sources_with_uniform_weights(tmp_
     assert by_source == {"math": 1.0, "web": 2.5, "code": 2.0} and weights.sum() == len(SOURCES)
 
 
+def test_uniform_medoid_weights_are_the_stratified_weights(tmp_path):
+    """medoid_weights="uniform": the same medoids as the paper's cluster weights, each weighing count / budget."""
+    clustered = trainer(tmp_path, config=CoLMConfig(small_sources=["math"]))
+    uniform = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], medoid_weights="uniform"))
+    rows_c, _ = clustered.select_coreset(clustered.model, batch(), list(SOURCES))
+    rows_u, weights = uniform.select_coreset(uniform.model, batch(), list(SOURCES))
+    assert torch.equal(rows_c, rows_u)
+    by_source = {SOURCES[r]: float(w) for r, w in zip(rows_u.tolist(), weights)}
+    assert by_source == {"math": 1.0, "web": 2.5, "code": 2.0} and weights.sum() == len(SOURCES)
+    with pytest.raises(ValueError, match="medoid_weights"):
+        CoLMConfig(medoid_weights="size")
+
+
 def test_selection_is_deterministic_under_a_seed(tmp_path):
     inputs = batch(n=16, seed=1)
     sources = ["web"] * 12 + ["code"] * 4

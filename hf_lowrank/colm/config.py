@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Union
 
 SIMILARITIES = ("l1", "l2", "cosine")
 SELECTIONS = ("facility_location", "random")
+MEDOID_WEIGHTS = ("cluster", "uniform")
 
 
 def _is_int(value) -> bool:
@@ -51,6 +52,9 @@ class CoLMConfig:
         selection (`str`, defaults to ``"facility_location"``): ``"random"`` is the ablation that keeps the small
             sources and the per-source budgets but draws each large source's examples uniformly (seeded like the
             directions), each weighing count / budget; no features are computed.
+        medoid_weights (`str`, defaults to ``"cluster"``): how much each facility-location medoid weighs:
+            ``"cluster"`` (the paper) as many examples as are closest to it; ``"uniform"`` count / budget for every
+            medoid of a source, the stratified-sampling weight (a lower-variance estimate when clusters are uneven).
         feature_batch_size (`int`, *optional*): examples per no-grad forward of the selection (default: the coreset
             size, so the selection never holds more activations than the training step).
         reuse_prefix (`bool`, defaults to True): the blocks before the feature module run once per chunk and their
@@ -77,6 +81,7 @@ class CoLMConfig:
     sparse_dim: int = field(default=2560, metadata={"help": "Feature dimensions kept per source."})
     similarity: str = field(default="l1", metadata={"help": f"One of {list(SIMILARITIES)}."})
     selection: str = field(default="facility_location", metadata={"help": f"One of {list(SELECTIONS)}."})
+    medoid_weights: str = field(default="cluster", metadata={"help": f"One of {list(MEDOID_WEIGHTS)}."})
     feature_batch_size: Optional[int] = field(default=None, metadata={"help": "Examples per selection forward."})
     reuse_prefix: bool = field(default=True, metadata={"help": "Run the blocks before the feature module once."})
     matching_every: int = field(default=0, metadata={"help": "Steps between gradient-matching logs (0: off)."})
@@ -123,6 +128,9 @@ class CoLMConfig:
             raise ValueError(f"CoLMConfig: `similarity`={self.similarity!r}; use one of {list(SIMILARITIES)}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"CoLMConfig: `selection`={self.selection!r}; use one of {list(SELECTIONS)}.")
+        if self.medoid_weights not in MEDOID_WEIGHTS:
+            raise ValueError(f"CoLMConfig: `medoid_weights`={self.medoid_weights!r}; use one of "
+                             f"{list(MEDOID_WEIGHTS)}.")
         if self.feature_batch_size is not None and (not _is_int(self.feature_batch_size)
                                                     or self.feature_batch_size < 1):
             raise ValueError(f"CoLMConfig: `feature_batch_size` must be an int >= 1 or None, got "

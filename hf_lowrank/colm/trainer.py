@@ -217,7 +217,8 @@ class CoLMTrainer(Trainer):
                 medoids, medoid_weights = select_medoids(features[offset:offset + len(group)], plan.budgets[s],
                                                          cfg.similarity, cfg.sparse_dim)
                 rows += [group[j] for j in medoids]
-                weights += medoid_weights.tolist()
+                weights += (medoid_weights.tolist() if cfg.medoid_weights == "cluster"
+                            else [len(group) / len(medoids)] * len(medoids))
                 picked += [offset + j for j in medoids]
                 offset += len(group)
             if m is not None:
