@@ -156,3 +156,15 @@ def test_cuber_validation_grid_chooses_the_scales_update_and_lr_and_chosen_from_
     with pytest.raises(SystemExit, match="no choice for split/trgp"):
         cuber.main(["--sequences", "split", "--strategies", "trgp", "--chosen-from", str(chosen), "--seeds", "1",
                     "--out-dir", str(tmp_path)])
+
+
+def test_glue_report_renders_cells_without_the_full_ft_arm(tmp_path):
+    """Cells that ran only some arms (e.g. GradNormLoRP and WeLore) render with Δ and step ratios marked n/a."""
+    from pathlib import Path
+
+    from benchmarks import glue
+
+    cells = sorted(str(p) for p in (Path(__file__).parents[1] / "benchmarks/results/glue_arms").glob("*-seed*.json"))
+    assert cells
+    glue.main(["--render", *cells, "--out", str(tmp_path / "glue")])
+    assert_outputs(tmp_path, "glue", ["GradNormLoRP r8", "n/a (no full-FT arm)", "is not judged here"])
