@@ -100,8 +100,6 @@ class AdamW(InnerOptimizer):
 
     def _fused(self, params, states, grads, group, oks, sign):
         """``params += sign * step`` through torch's fused AdamW, one call per (device, dtype, step, flag)."""
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         by_device = _group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs], with_indices=True)
@@ -111,11 +109,18 @@ class AdamW(InnerOptimizer):
                 calls.setdefault((states[i]["moment_step"], id(oks[i])), []).append(i)
             for (t, _), members in calls.items():
                 pick = lambda items: [items[i] for i in members]  # noqa: E731
-                step = torch.full((), float(t), dtype=torch.float32, device=device)
-                torch._fused_adamw_(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), [],
-                                    [step] * len(members), lr=-sign * lr, beta1=beta1, beta2=beta2,
-                                    weight_decay=0.0, eps=group["eps"] / math.sqrt(1.0 - beta2**t), amsgrad=False,
-                                    maximize=False, found_inf=1.0 - oks[members[0]])
+                self._fused_call(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), t, group,
+                                 oks[members[0]], sign)
+
+    @staticmethod
+    def _fused_call(params, grads, exp_avgs, exp_avg_sqs, t, group, ok, sign):
+        """One ``torch._fused_adamw_`` call for tensors on one device and dtype, at step count ``t``, sharing the
+        skip flag ``ok``: ``params += sign * step``."""
+        beta1, beta2 = group["betas"]
+        step = torch.full((), float(t), dtype=torch.float32, device=params[0].device)
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), lr=-sign * group["lr"],
+                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"] / math.sqrt(1.0 - beta2**t),
+                            amsgrad=False, maximize=False, found_inf=1.0 - ok)
 
     def _run(self, params, states, grads, group, oks, sign):
         grads = [g if g.dtype == s["exp_avg"].dtype else g.to(s["exp_avg"].dtype)  # e.g. after a load
@@ -241,31 +246,38 @@ class AdamW8bit(AdamW):
             param.add_(target.mul_(ok), alpha=-1.0)
 
     def _sliced_8bit(self, param, state, grad, group, ok, sign):
-        """Dequantize, AdamW (:meth:`AdamW._run`, which leaves a skipped slice unchanged) and requantize, slice by
-        slice; a skipped step keeps the old codes and absmax."""
+        """Dequantize, AdamW and requantize, slice by slice; a skipped step keeps the old codes and absmax. The
+        slice math is one fused AdamW call (:meth:`AdamW._fused_call`, which leaves a skipped slice unchanged) where
+        torch has the kernel, else :meth:`AdamW._foreach`."""
         flat_param, flat_grad = param.view(-1), grad.reshape(-1)
-        moments = (("exp_avg", self._code(True, param.device)), ("exp_avg_sq", self._code(False, param.device)))
+        signed_code, unsigned_code = self._code(True, param.device), self._code(False, param.device)
+        exp_avg, exp_avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        exp_avg_absmax, exp_avg_sq_absmax = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+        fused = param.device.type in self.fused_devices
         keep_new = ok > 0
         keep_codes = keep_new.to(torch.uint8)  # codes blend as old + (new - old) * keep in uint8 (exact mod 256)
         for start in range(0, flat_param.numel(), self.SLICE_SIZE):
             end = min(start + self.SLICE_SIZE, flat_param.numel())
             blocks = slice(start // self.BLOCK_SIZE, -(-end // self.BLOCK_SIZE))
-            codes = {key: state[key].view(-1)[start:end] for key, _ in moments}
-            absmaxes = {key: state[key + "_absmax"][blocks] for key, _ in moments}
-            slice_state = {"moment_step": state["moment_step"] - 1}  # AdamW._run counts this step
-            for key, code in moments:
-                slice_state[key] = torch.ops.bitsandbytes.dequantize_blockwise(
-                    codes[key], absmaxes[key], code, self.BLOCK_SIZE, torch.float32)
+            moments = ((exp_avg[start:end], exp_avg_absmax[blocks], signed_code),
+                       (exp_avg_sq[start:end], exp_avg_sq_absmax[blocks], unsigned_code))
+            first, second = (torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, code, self.BLOCK_SIZE,
+                                                                         torch.float32)
+                             for codes, absmax, code in moments)
             target = flat_param[start:end]
             work = target if target.dtype == torch.float32 else target.float()
-            super()._run([work], [slice_state], [flat_grad[start:end]], group, [ok], sign)
+            grad_slice = flat_grad[start:end].float()  # no copy for fp32 gradients
+            if fused:
+                self._fused_call([work], [grad_slice], [first], [second], state["moment_step"], group, ok, sign)
+            else:
+                self._foreach([work], [{"moment_step": state["moment_step"], "exp_avg": first, "exp_avg_sq": second}],
+                              [grad_slice], group, [ok], sign)
             if work is not target:
                 target.copy_(work)
-            for key, code in moments:
-                new_codes, new_absmax = torch.ops.bitsandbytes.quantize_blockwise(slice_state[key], code,
-                                                                                  self.BLOCK_SIZE)
-                codes[key].add_(new_codes.sub_(codes[key]).mul_(keep_codes))  # 5x faster than torch.where here
-                torch.where(keep_new, new_absmax, absmaxes[key], out=absmaxes[key])
+            for (codes, absmax, code), value in zip(moments, (first, second)):
+                new_codes, new_absmax = torch.ops.bitsandbytes.quantize_blockwise(value, code, self.BLOCK_SIZE)
+                codes.add_(new_codes.sub_(codes).mul_(keep_codes))  # 5x faster than torch.where here
+                torch.where(keep_new, new_absmax, absmax, out=absmax)
 
     def moments(self, state, group):
         if "exp_avg_absmax" not in state:
