@@ -63,9 +63,9 @@ def point_name(mode, factor):
     return f"{mode} lr×{factor:g}"
 
 
-def build_point(mode, factor, task, seed, steps, batch_size):
+def build_point(mode, factor, task, seed, steps, batch_size, max_seq_length):
     values = {"task": task, "seed": seed, "max_steps": steps, "batch_size": batch_size,
-              "max_seq_length": SEQ_LEN.get(task, 128)}
+              "max_seq_length": max_seq_length}
     config = ROOT / "recipes" / "configs" / "glue" / f"minilm_{mode}.yaml"
     cfg = common.load_config(glue.GlueConfig, config, [f"{k}={v}" for k, v in values.items()])
     cfg.lr *= factor
@@ -111,13 +111,15 @@ def evaluate(model, dataset, collate, task):
     return glue.glue_metrics(task, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
 
 
-def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, progress, command=""):
+def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, progress, command="",
+             max_seq_length=None):
     """Train every (arm, lr factor) on train' side by side; score each on validation and dev."""
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
 
+    max_seq_length = max_seq_length or SEQ_LEN.get(task, 128)
     points = [(mode, factor) for mode in arms for factor in factors]
-    built = [build_point(mode, factor, task, seed, steps, batch_size) for mode, factor in points]
+    built = [build_point(mode, factor, task, seed, steps, batch_size, max_seq_length) for mode, factor in points]
     cfg, _, tokenizer = built[0][:3]
     encoded = glue.tokenize(glue.load_glue(cfg), tokenizer, cfg).rename_column("label", "labels")
     split = encoded["train"].train_test_split(test_size=validation_size, seed=SPLIT_SEED)
@@ -155,7 +157,7 @@ def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, prog
         "task": task, "seed": seed, "metric": main_metric, "points": rows, "command": command,
         "constant_dev": max(glue.glue_metrics(task, [label] * len(dev), dev["labels"])[main_metric]
                             for label in set(dev["labels"])),
-        "settings": {"steps": steps, "batch_size": batch_size, "max_seq_length": SEQ_LEN.get(task, 128),
+        "settings": {"steps": steps, "batch_size": batch_size, "max_seq_length": max_seq_length,
                      "train_examples": len(train), "validation_examples": len(validation), "dev_examples": len(dev),
                      "threads": torch.get_num_threads()},
     }
@@ -332,6 +334,10 @@ def main(argv=None):
                         help="multiples of each arm's YAML lr to train; the best on validation is selected")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue"),
                         help="writes <out>.{md,png,json}; cells go to <out>_runs/")
+    parser.add_argument("--max-seq-length", type=int,
+                        help=f"tokens per example for every task of this run (default per task: {SEQ_LEN})")
+    parser.add_argument("--validation-size", type=int,
+                        help=f"rows held out of train for validation, every task (default per task: {VALIDATION_SIZE})")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only render the report from finished cells")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -356,7 +362,8 @@ def main(argv=None):
         for seed in args.seeds:  # seed-major: an interrupted run still covers every task
             for task in args.tasks:
                 cell = run_cell(task, seed, steps[task], args.batch_size, args.arms, args.lr_factors,
-                                VALIDATION_SIZE.get(task, 400), not args.no_progress, command)
+                                args.validation_size or VALIDATION_SIZE.get(task, 400), not args.no_progress,
+                                command, args.max_seq_length)
                 paths.append(runs_dir / f"{task}-seed{seed}.json")
                 paths[-1].write_text(json.dumps(cell, indent=1) + "\n")
     cells = [json.loads(p.read_text()) for p in paths]
