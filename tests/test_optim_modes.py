@@ -88,12 +88,16 @@ def test_8bit_matches_bitsandbytes_adam8bit():
     assert optimizers[0].state[ours]["exp_avg"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("slice_kernel", ["fused", "foreach"])
 @pytest.mark.parametrize("low_rank", [False, True])
-def test_8bit_slices_equal_one_fused_update(monkeypatch, low_rank):
+def test_8bit_slices_equal_one_fused_update(monkeypatch, low_rank, slice_kernel):
     """Off bitsandbytes' fused devices the 8-bit update runs slice by slice (several slices, a partial last block
-    here); the result equals one bitsandbytes update of the whole tensor, and a non-finite step keeps the codes."""
+    here), each slice through torch's fused AdamW or, where a device lacks it, the foreach ops; the result equals
+    one bitsandbytes update of the whole tensor, and a non-finite step keeps the codes."""
     from hf_lowrank.optim.inner import AdamW8bit
 
+    if slice_kernel == "foreach":
+        monkeypatch.setattr(AdamW8bit, "fused_devices", ())
     torch.manual_seed(0)
     start = torch.randn(96, 70)  # 6720 values: 26.25 blocks, 3.3 slices of 2048
     grads = [torch.randn(96, 70) * (1 + torch.arange(70)) for _ in range(4)]
