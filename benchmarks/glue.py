@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 import common  # noqa: E402
 import glue  # noqa: E402
+from hf_lowrank.cli import positive_int  # noqa: E402
 
 
 ARMS = {"adamw": "full FT (AdamW)", "galore": "GaLore r8", "lora": "LoRA r8", "gradnormlorp": "GradNormLoRP r8",
@@ -111,13 +112,11 @@ def evaluate(model, dataset, collate, task):
     return glue.glue_metrics(task, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
 
 
-def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, progress, command="",
-             max_seq_length=None):
+def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, max_seq_length, progress, command=""):
     """Train every (arm, lr factor) on train' side by side; score each on validation and dev."""
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
 
-    max_seq_length = max_seq_length or SEQ_LEN.get(task, 128)
     points = [(mode, factor) for mode in arms for factor in factors]
     built = [build_point(mode, factor, task, seed, steps, batch_size, max_seq_length) for mode, factor in points]
     cfg, _, tokenizer = built[0][:3]
@@ -334,9 +333,9 @@ def main(argv=None):
                         help="multiples of each arm's YAML lr to train; the best on validation is selected")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue"),
                         help="writes <out>.{md,png,json}; cells go to <out>_runs/")
-    parser.add_argument("--max-seq-length", type=int,
+    parser.add_argument("--max-seq-length", type=positive_int,
                         help=f"tokens per example for every task of this run (default per task: {SEQ_LEN})")
-    parser.add_argument("--validation-size", type=int,
+    parser.add_argument("--validation-size", type=positive_int,
                         help=f"rows held out of train for validation, every task (default per task: {VALIDATION_SIZE})")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only render the report from finished cells")
     parser.add_argument("--no-progress", action="store_true")
@@ -362,8 +361,8 @@ def main(argv=None):
         for seed in args.seeds:  # seed-major: an interrupted run still covers every task
             for task in args.tasks:
                 cell = run_cell(task, seed, steps[task], args.batch_size, args.arms, args.lr_factors,
-                                args.validation_size or VALIDATION_SIZE.get(task, 400), not args.no_progress,
-                                command, args.max_seq_length)
+                                args.validation_size or VALIDATION_SIZE.get(task, 400),
+                                args.max_seq_length or SEQ_LEN.get(task, 128), not args.no_progress, command)
                 paths.append(runs_dir / f"{task}-seed{seed}.json")
                 paths[-1].write_text(json.dumps(cell, indent=1) + "\n")
     cells = [json.loads(p.read_text()) for p in paths]

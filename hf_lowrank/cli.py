@@ -216,7 +216,8 @@ def _card(args):
         print(card)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for counts (processes, ports, tokens, rows): an integer >= 1, else a clear usage error."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
@@ -234,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--launcher", choices=("python", "accelerate"), default="python",
                        help="python: run in this process; accelerate: `accelerate launch` the recipe script")
         p.add_argument("--accelerate-config", help="accelerate YAML, e.g. recipes/accelerate/multi_gpu.yaml")
-        p.add_argument("--num-processes", type=_positive_int,
+        p.add_argument("--num-processes", type=positive_int,
                        help="processes to launch (GPUs; CPU processes on a machine without GPUs)")
-        p.add_argument("--main-process-port", type=_positive_int, help="rendezvous port of a multi-process run")
+        p.add_argument("--main-process-port", type=positive_int, help="rendezvous port of a multi-process run")
     p = sub.add_parser("compare", help="run several modes on one config; write a table and a plot")
     p.add_argument("config", type=Path)
     p.add_argument("overrides", nargs="*")
