@@ -168,3 +168,21 @@ def test_glue_report_renders_cells_without_the_full_ft_arm(tmp_path):
     assert cells
     glue.main(["--render", *cells, "--out", str(tmp_path / "glue")])
     assert_outputs(tmp_path, "glue", ["GradNormLoRP r8", "n/a (no full-FT arm)", "is not judged here"])
+
+
+def test_cuber_overlap_fewshot_gives_each_task_its_own_images_and_the_report_pairs_seeds():
+    from benchmarks import cuber
+
+    tasks = cuber.make_sequence("overlap_fewshot", 5)
+    full = cuber.make_sequence("overlap", 5)
+    seen = {}
+    for (task_id, train, test), (_, _, full_test), classes in zip(tasks, full, cuber.OVERLAP_CLASSES):
+        assert train.y.bincount().tolist() == [cuber.FEWSHOT_PER_CLASS] * len(classes)
+        assert torch.equal(test.x, full_test.x)  # tested on every test-split image of its classes
+        for row in train.x:
+            key = row.numpy().tobytes()
+            assert key not in seen, f"{task_id} reuses a training image of {seen.get(key)}"
+            seen[key] = task_id
+    entries = {("s", "trgp"): {"runs": [{"seed": 1, "bwt": 0.5}, {"seed": 2, "bwt": 0.0}]},
+               ("s", "cuber"): {"runs": [{"seed": 1, "bwt": 1.0}, {"seed": 2, "bwt": 1.0}]}}
+    assert cuber.paired_difference_lines(entries)[-1] == "| s | 2 | +0.750 | 0.250 | 2 | 0 |"
