@@ -53,8 +53,11 @@ ARMS = ("random-b", "random-2b", "colm")
 # budgets but draws uniformly within each large source (`--arms colm-random --name colm_ablation`); ``colm-nokeep``
 # runs facility location on every source, none kept whole (`--arms colm-nokeep --name colm_ablation_nokeep`);
 # ``colm-uniform-weights`` is CoLM with medoid_weights="uniform" (count / budget per medoid instead of its cluster
-# size; `--arms colm-uniform-weights --name colm_ablation_uniform_weights`).
-ABLATIONS = ("colm-random", "colm-nokeep", "colm-uniform-weights")
+# size; `--arms colm-uniform-weights --name colm_ablation_uniform_weights`); ``colm-equal-weights`` is CoLM with
+# medoid_weights="equal" (the coreset trained as a plain mini-batch, the official code's default;
+# `--arms colm-equal-weights --name colm_ablation_equal_weights`).
+MEDOID_WEIGHT_ARMS = {"colm-uniform-weights": "uniform", "colm-equal-weights": "equal"}
+ABLATIONS = ("colm-random", "colm-nokeep", *MEDOID_WEIGHT_ARMS)
 SOURCES = ("sst2", "commonsense", "shakespeare", "mmlu")
 MIXTURE = {"sst2": 0.60, "commonsense": 0.25, "shakespeare": 0.10, "mmlu": 0.05}
 LR_GRID = (1e-3, 3e-3)
@@ -153,7 +156,7 @@ def make_trainer(arm: str, seed: int, lr: float, args, train, steps: int, output
         config = CoLMConfig(coreset_ratio=0.5, **keep, seed=seed,
                             matching_every=args.matching_every,
                             selection="random" if arm == "colm-random" else "facility_location",
-                            medoid_weights="uniform" if arm == "colm-uniform-weights" else "cluster")
+                            medoid_weights=MEDOID_WEIGHT_ARMS.get(arm, "cluster"))
         return CoLMTrainer(model=model, args=training_args, colm_config=config, train_dataset=train,
                            data_collator=default_data_collator)
     plain = [{k: v for k, v in e.items() if k != "source"} for e in train]

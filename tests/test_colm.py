@@ -174,6 +174,19 @@ def test_uniform_medoid_weights_are_the_stratified_weights(tmp_path):
         CoLMConfig(medoid_weights="size")
 
 
+def test_equal_weights_train_the_coreset_as_a_plain_mini_batch(tmp_path):
+    """medoid_weights="equal" (the official code's default): the same rows, every one weighing n / |coreset|."""
+    clustered = trainer(tmp_path, config=CoLMConfig(small_sources=["math"]))
+    equal = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], medoid_weights="equal"))
+    rows_c, _ = clustered.select_coreset(clustered.model, batch(), list(SOURCES))
+    rows_e, weights = equal.select_coreset(equal.model, batch(), list(SOURCES))
+    assert torch.equal(rows_c, rows_e)
+    assert weights.tolist() == [len(SOURCES) / len(rows_e)] * len(rows_e)
+    ablation = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], selection="random", medoid_weights="equal"))
+    _, weights = ablation.select_coreset(ablation.model, batch(), list(SOURCES))
+    assert weights.tolist() == [2.0] * 4
+
+
 def test_selection_is_deterministic_under_a_seed(tmp_path):
     inputs = batch(n=16, seed=1)
     sources = ["web"] * 12 + ["code"] * 4

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 SIMILARITIES = ("l1", "l2", "cosine")
 SELECTIONS = ("facility_location", "random")
-MEDOID_WEIGHTS = ("cluster", "uniform")
+MEDOID_WEIGHTS = ("cluster", "uniform", "equal")
 
 
 def _is_int(value) -> bool:
@@ -53,8 +53,12 @@ class CoLMConfig:
             sources and the per-source budgets but draws each large source's examples uniformly (seeded like the
             directions), each weighing count / budget; no features are computed.
         medoid_weights (`str`, defaults to ``"cluster"``): how much each facility-location medoid weighs:
-            ``"cluster"`` (the paper) as many examples as are closest to it; ``"uniform"`` count / budget for every
-            medoid of a source, the stratified-sampling weight (a lower-variance estimate when clusters are uneven).
+            ``"cluster"`` as many examples as are closest to it (CRAIG's weights, the official code's
+            ``weightedsubmodlib``), so the coreset gradient estimates the large batch's; ``"uniform"`` count / budget
+            for every medoid of a source, the stratified-sampling weight (a lower-variance estimate when clusters are
+            uneven); ``"equal"`` every trained example alike, kept small-source examples included (the official
+            code's default ``submodlib``: the coreset is trained as a plain mini-batch, which up-weights the kept
+            sources). Weights always sum to the large batch's size.
         feature_batch_size (`int`, *optional*): examples per no-grad forward of the selection (default: the coreset
             size, so the selection never holds more activations than the training step).
         reuse_prefix (`bool`, defaults to True): the blocks before the feature module run once per chunk and their

@@ -223,6 +223,8 @@ class CoLMTrainer(Trainer):
                 offset += len(group)
             if m is not None:
                 self._adam_m, self._adam_v = m[picked].mean(dim=0), v[picked].mean(dim=0)
+        if cfg.medoid_weights == "equal":
+            weights = [n / len(rows)] * len(rows)
         stats = self._stats
         stats["seconds"] += time.perf_counter() - start
         stats["selections"] += 1
