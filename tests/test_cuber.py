@@ -286,6 +286,18 @@ def test_cuber_records_correlations_and_reports_memory(tmp_path):
         assert [tuple(g.shape) for g in layer.task_grads] == [tuple(weight.shape)] * 3
 
 
+def test_epoch_demotion_retests_from_the_second_epoch_of_every_later_task(tmp_path):
+    """demotion="epoch": the first task (no old task) trains its epochs without a re-test; a later task re-tests
+    once per epoch after its first (one record per test)."""
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, TinyNet(), strategy="cuber", energy_threshold=0.9, demotion="epoch", epochs=3)
+    task = low_rank_task(0)
+    trainer.train_task("first", task, task)
+    assert trainer.correlation_history == []
+    trainer.train_task("again", task, task)
+    assert [record["task_index"] for record in trainer.correlation_history] == [1, 1, 1]
+
+
 def test_backward_transfer_only_in_selected_layers(tmp_path):
     """Training the same data twice is positively correlated everywhere; only the selected layers may use it."""
     torch.manual_seed(0)

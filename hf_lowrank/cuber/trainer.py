@@ -50,13 +50,14 @@ def _subset(dataset, indices: list[int]):
 
 
 class _EpochCorrelationCheck(TrainerCallback):
-    """``demotion="epoch"``: CUBER re-tests the correlation at the start of every epoch after the first."""
+    """``demotion="epoch"``: CUBER re-tests the correlation at the start of every epoch after the first (of every task
+    that has old tasks to test against)."""
 
     def __init__(self, trainer: "ContinualTrainer"):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if state.epoch and state.epoch > 0:
+        if state.epoch and state.epoch > 0 and self.trainer._projection is not None:
             self.trainer._assign_regimes(retest=True)
 
 
