@@ -185,4 +185,7 @@ def test_cuber_overlap_fewshot_gives_each_task_its_own_images_and_the_report_pai
             seen[key] = task_id
     entries = {("s", "trgp"): {"runs": [{"seed": 1, "bwt": 0.5}, {"seed": 2, "bwt": 0.0}]},
                ("s", "cuber"): {"runs": [{"seed": 1, "bwt": 1.0}, {"seed": 2, "bwt": 1.0}]}}
-    assert cuber.paired_difference_lines(entries)[-1] == "| s | 2 | +0.750 | 0.250 | 2 | 0 |"
+    assert cuber.paired_difference_lines(entries)[-1] == "| s | cuber | 2 | +0.750 | 0.250 | 2 | 0 |"
+    grid = cuber.candidates("overlap_fewshot", "cuber-vd")  # amendment 5: the demotion rule on validation too
+    assert len(grid) == len(cuber.DEMOTION_GRID) * len(cuber.GRID_PENALTY) * len(cuber.SCALE_LR_FACTORS)
+    assert {g["demotion"] for g in grid} == set(cuber.DEMOTION_GRID)
