@@ -161,30 +161,26 @@ def test_random_selection_ablation_keeps_small_sources_with_uniform_weights(tmp_
     assert by_source == {"math": 1.0, "web": 2.5, "code": 2.0} and weights.sum() == len(SOURCES)
 
 
-def test_uniform_medoid_weights_are_the_stratified_weights(tmp_path):
-    """medoid_weights="uniform": the same medoids as the paper's cluster weights, each weighing count / budget."""
+@pytest.mark.parametrize("rule, expected", [
+    ("uniform", {"math": 1.0, "web": 2.5, "code": 2.0}),  # count / budget per medoid, the stratified weights
+    ("equal", {"math": 2.0, "web": 2.0, "code": 2.0}),  # the official default: n / |coreset| for every row
+])
+def test_medoid_weight_rules_reweigh_the_same_coreset(tmp_path, rule, expected):
     clustered = trainer(tmp_path, config=CoLMConfig(small_sources=["math"]))
-    uniform = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], medoid_weights="uniform"))
+    other = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], medoid_weights=rule))
     rows_c, _ = clustered.select_coreset(clustered.model, batch(), list(SOURCES))
-    rows_u, weights = uniform.select_coreset(uniform.model, batch(), list(SOURCES))
-    assert torch.equal(rows_c, rows_u)
-    by_source = {SOURCES[r]: float(w) for r, w in zip(rows_u.tolist(), weights)}
-    assert by_source == {"math": 1.0, "web": 2.5, "code": 2.0} and weights.sum() == len(SOURCES)
+    rows, weights = other.select_coreset(other.model, batch(), list(SOURCES))
+    assert torch.equal(rows_c, rows)
+    assert {SOURCES[r]: float(w) for r, w in zip(rows.tolist(), weights)} == expected
+    assert weights.sum() == len(SOURCES)
+    ablation = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], selection="random", medoid_weights=rule))
+    rows, weights = ablation.select_coreset(ablation.model, batch(), list(SOURCES))
+    assert {SOURCES[r]: float(w) for r, w in zip(rows.tolist(), weights)} == expected
+
+
+def test_medoid_weights_rejects_an_unknown_rule():
     with pytest.raises(ValueError, match="medoid_weights"):
         CoLMConfig(medoid_weights="size")
-
-
-def test_equal_weights_train_the_coreset_as_a_plain_mini_batch(tmp_path):
-    """medoid_weights="equal" (the official code's default): the same rows, every one weighing n / |coreset|."""
-    clustered = trainer(tmp_path, config=CoLMConfig(small_sources=["math"]))
-    equal = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], medoid_weights="equal"))
-    rows_c, _ = clustered.select_coreset(clustered.model, batch(), list(SOURCES))
-    rows_e, weights = equal.select_coreset(equal.model, batch(), list(SOURCES))
-    assert torch.equal(rows_c, rows_e)
-    assert weights.tolist() == [len(SOURCES) / len(rows_e)] * len(rows_e)
-    ablation = trainer(tmp_path, config=CoLMConfig(small_sources=["math"], selection="random", medoid_weights="equal"))
-    _, weights = ablation.select_coreset(ablation.model, batch(), list(SOURCES))
-    assert weights.tolist() == [2.0] * 4
 
 
 def test_selection_is_deterministic_under_a_seed(tmp_path):
