@@ -188,6 +188,22 @@ def hold_out_validation(tasks, seed: int):
     return held_out
 
 
+def fewshot_rows(labels: np.ndarray, seed: int) -> list[np.ndarray]:
+    """``overlap_fewshot``'s training rows per task: FEWSHOT_PER_CLASS images of each of its classes, a class shared
+    by several tasks giving each the next disjoint block of one seeded permutation of its images."""
+    rng = np.random.default_rng(seed)
+    shuffled = {c: rng.permutation(np.flatnonzero(labels == c)) for c in range(10)}
+    used = dict.fromkeys(range(10), 0)
+    rows = []
+    for classes in OVERLAP_CLASSES:
+        picked = []
+        for c in classes:
+            picked.append(shuffled[c][used[c]: used[c] + FEWSHOT_PER_CLASS])
+            used[c] += FEWSHOT_PER_CLASS
+        rows.append(np.sort(np.concatenate(picked)))
+    return rows
+
+
 def make_sequence(name: str, seed: int, validation: bool = False):
     """``[(task_id, train, test), ...]`` for one sequence; all randomness from ``seed``. With ``validation``, the
     test sets are replaced by validation splits held out of the training sets (see :func:`hold_out_validation`)."""
@@ -200,27 +216,16 @@ def make_sequence(name: str, seed: int, validation: bool = False):
                 for t, perm in enumerate(rng.permutation(784) for _ in range(10))]
     if name in OVERLAP_SEQUENCES:
         x_train, x_test, y_train, y_test = load_mnist_split()
-        rows = {c: np.flatnonzero(y_train == c) for c in range(10)}
-        if name == "overlap_fewshot":  # disjoint samples of FEWSHOT_PER_CLASS images per (task, class)
-            rng = np.random.default_rng(seed)
-            shuffled = {c: rng.permutation(r) for c, r in rows.items()}
-            used = {c: 0 for c in range(10)}
-            task_rows = []
-            for classes in OVERLAP_CLASSES:
-                picked = []
-                for c in classes:
-                    picked.append(shuffled[c][used[c]: used[c] + FEWSHOT_PER_CLASS])
-                    used[c] += FEWSHOT_PER_CLASS
-                task_rows.append(np.sort(np.concatenate(picked)))
-        else:
-            task_rows = [np.flatnonzero(np.isin(y_train, c)) for c in OVERLAP_CLASSES]
+        train_rows = (fewshot_rows(y_train, seed) if name == "overlap_fewshot"
+                      else [np.flatnonzero(np.isin(y_train, c)) for c in OVERLAP_CLASSES])
+        test_rows = [np.flatnonzero(np.isin(y_test, c)) for c in OVERLAP_CLASSES]
 
-        def pick(xs, ys, classes):
-            return ArrayDataset(xs, np.searchsorted(np.array(classes), ys))
+        def local(labels, classes):  # labels local to the task (its head)
+            return np.searchsorted(np.array(classes), labels)
 
-        return [("classes-" + "".join(map(str, c)), pick(x_train[r], y_train[r], c),
-                 pick(x_test[np.isin(y_test, c)], y_test[np.isin(y_test, c)], c))
-                for c, r in zip(OVERLAP_CLASSES, task_rows)]
+        return [("classes-" + "".join(map(str, c)), ArrayDataset(x_train[r], local(y_train[r], c)),
+                 ArrayDataset(x_test[q], local(y_test[q], c)))
+                for c, r, q in zip(OVERLAP_CLASSES, train_rows, test_rows)]
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
     rng = np.random.default_rng(seed)
