@@ -55,9 +55,12 @@ ARMS = ("random-b", "random-2b", "colm")
 # ``colm-uniform-weights`` is CoLM with medoid_weights="uniform" (count / budget per medoid instead of its cluster
 # size; `--arms colm-uniform-weights --name colm_ablation_uniform_weights`); ``colm-equal-weights`` is CoLM with
 # medoid_weights="equal" (the coreset trained as a plain mini-batch, the official code's default;
-# `--arms colm-equal-weights --name colm_ablation_equal_weights`).
+# `--arms colm-equal-weights --name colm_ablation_equal_weights`); ``colm-backprop`` is CoLM on the exact
+# per-example gradients of the same block instead of one zeroth-order direction (features="backprop"; `--arms
+# colm-backprop --name colm_ablation_backprop`).
 MEDOID_WEIGHT_ARMS = {"colm-uniform-weights": "uniform", "colm-equal-weights": "equal"}
-ABLATIONS = ("colm-random", "colm-nokeep", *MEDOID_WEIGHT_ARMS)
+FEATURE_ARMS = {"colm-backprop": "backprop"}
+ABLATIONS = ("colm-random", "colm-nokeep", *MEDOID_WEIGHT_ARMS, *FEATURE_ARMS)
 SOURCES = ("sst2", "commonsense", "shakespeare", "mmlu")
 MIXTURE = {"sst2": 0.60, "commonsense": 0.25, "shakespeare": 0.10, "mmlu": 0.05}
 LR_GRID = (1e-3, 3e-3)
@@ -156,7 +159,8 @@ def make_trainer(arm: str, seed: int, lr: float, args, train, steps: int, output
         config = CoLMConfig(coreset_ratio=0.5, **keep, seed=seed,
                             matching_every=args.matching_every,
                             selection="random" if arm == "colm-random" else "facility_location",
-                            medoid_weights=MEDOID_WEIGHT_ARMS.get(arm, "cluster"))
+                            medoid_weights=MEDOID_WEIGHT_ARMS.get(arm, "cluster"),
+                            features=FEATURE_ARMS.get(arm, "zeroth_order"))
         return CoLMTrainer(model=model, args=training_args, colm_config=config, train_dataset=train,
                            data_collator=default_data_collator)
     plain = [{k: v for k, v in e.items() if k != "source"} for e in train]

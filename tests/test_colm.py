@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from hf_lowrank.colm import (CoLMConfig, CoLMTrainer, facility_location_value, find_feature_block, lazy_greedy,
-                             medoid_weights, plan_batch, source_budgets, zeroth_order_features)
+from hf_lowrank.colm import (CoLMConfig, CoLMTrainer, backprop_features, facility_location_value, find_feature_block,
+                             lazy_greedy, medoid_weights, plan_batch, source_budgets, zeroth_order_features)
 from hf_lowrank.colm.features import directions, per_example_loss
 from hf_lowrank.colm.selection import similarity_matrix
 
@@ -98,6 +98,44 @@ def test_prefix_reuse_gives_the_same_features():
     torch.testing.assert_close(reused, plain)
     assert torch.equal(block.parameter, before)  # restored exactly
     assert "forward" not in vars(model.model.layers[0])  # the reuse patch is gone
+
+
+def feature_model(arch):
+    from peft import LoraConfig, get_peft_model
+
+    if arch.startswith("llama"):
+        model = make_tiny_llama(hidden=8, heads=2, intermediate=16, vocab=32)
+    else:
+        model = make_gpt2(hidden=8, vocab=32)
+    if arch == "llama-lora":
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    elif arch == "gpt2-lora":
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                 init_lora_weights=False))
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-lora", "gpt2-lora"])
+def test_backprop_features_are_the_exact_per_example_gradients(arch):
+    model = feature_model(arch)
+    block = find_feature_block(model)
+    inputs = batch(n=5, vocab=32)
+    exact = autograd_per_example(model, block, inputs)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for chunk in (2, 5):
+        features = backprop_features(model, block, inputs, chunk_size=chunk)
+        torch.testing.assert_close(features, exact, rtol=1e-10, atol=1e-12)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags  # restored
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # no .grad written
+    assert not block.module._forward_hooks  # the capture hook is gone
+
+
+def test_backprop_features_train_and_reject_zeroth_order_options(tmp_path):
+    trainer(tmp_path, config=CoLMConfig(features="backprop", matching_every=1)).train()
+    with pytest.raises(ValueError, match=r"\['num_directions'\] only apply to features='zeroth_order'"):
+        CoLMConfig(features="backprop", num_directions=4)
+    with pytest.raises(ValueError, match="`features`='exact'; use one of"):
+        CoLMConfig(features="exact")
 
 
 def greedy_by_brute_force(similarity, k):
@@ -280,10 +318,15 @@ def test_selection_on_device(tmp_path, device):
     z = directions(block, 0, (0, 0), 1)
     assert z.device.type == device.type
     features = zeroth_order_features(model.eval(), block, inputs, z, 1e-3, chunk_size=4)
-    assert features.shape == (8, block.dim) and torch.isfinite(features).all()
-    cpu = zeroth_order_features(model.cpu(), find_feature_block(model), {k: v.cpu() for k, v in inputs.items()},
-                                z.cpu(), 1e-3, chunk_size=4)
+    exact = backprop_features(model, block, inputs, chunk_size=4)
+    assert features.shape == exact.shape == (8, block.dim) and exact.device.type == device.type
+    assert torch.isfinite(features).all() and torch.isfinite(exact).all()
+    cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
+    cpu_block = find_feature_block(model.cpu())
+    cpu = zeroth_order_features(model, cpu_block, cpu_inputs, z.cpu(), 1e-3, chunk_size=4)
     torch.testing.assert_close(features.cpu(), cpu, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(exact.cpu(), backprop_features(model, cpu_block, cpu_inputs, chunk_size=4),
+                               rtol=1e-3, atol=1e-5)
 
 
 def ddp_worker(out_dir: str) -> None:

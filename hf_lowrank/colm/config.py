@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Union
 
 SIMILARITIES = ("l1", "l2", "cosine")
 SELECTIONS = ("facility_location", "random")
+FEATURES = ("zeroth_order", "backprop")
 MEDOID_WEIGHTS = ("cluster", "uniform", "equal")
 
 
@@ -38,6 +39,11 @@ class CoLMConfig:
         feature_module (`str`, *optional*): name (or full-match regex) of the one module whose weight gives the
             gradient features. Default: the value projection of the last block (``v_proj``; the V columns of GPT-2's
             fused ``c_attn``); with PEFT LoRA on that module, its ``lora_B`` factor.
+        features (`str`, defaults to ``"zeroth_order"``): how each example's gradient on the block is estimated:
+            ``"zeroth_order"`` (the paper: two perturbed forwards per direction, no backward; with one direction
+            every example's feature is a multiple of the same z) or ``"backprop"`` (the exact per-example gradients,
+            the official code's ``masked_grad`` unit: one forward and one backward through the layers above the
+            block per chunk). ``epsilon``, ``num_directions`` and ``reuse_prefix`` belong to ``"zeroth_order"``.
         epsilon (`float`, defaults to 1e-3): zeroth-order perturbation size (official code: 1e-3).
         num_directions (`int`, defaults to 1): random directions z averaged per example (each costs two forwards).
         seed (`int`, defaults to 0): the directions of step t are drawn from (seed, t), on CPU, so every device and
@@ -59,7 +65,7 @@ class CoLMConfig:
             uneven); ``"equal"`` every trained example alike, kept small-source examples included (the official
             code's default ``submodlib``: the coreset is trained as a plain mini-batch, which up-weights the kept
             sources). Weights always sum to the large batch's size.
-        feature_batch_size (`int`, *optional*): examples per no-grad forward of the selection (default: the coreset
+        feature_batch_size (`int`, *optional*): examples per forward of the selection (default: the coreset
             size, so the selection never holds more activations than the training step).
         reuse_prefix (`bool`, defaults to True): the blocks before the feature module run once per chunk and their
             outputs are reused by every perturbed forward (the official "efficient" mode, for any block model).
@@ -76,6 +82,7 @@ class CoLMConfig:
         default=None, metadata={"help": "Sources below this share of the training set are kept in full."})
     feature_module: Optional[str] = field(
         default=None, metadata={"help": "Module giving the gradient features (default: last block's V projection)."})
+    features: str = field(default="zeroth_order", metadata={"help": f"One of {list(FEATURES)}."})
     epsilon: float = field(default=1e-3, metadata={"help": "Zeroth-order perturbation size."})
     num_directions: int = field(default=1, metadata={"help": "Random directions per example."})
     seed: int = field(default=0, metadata={"help": "Seed of the random directions."})
@@ -111,6 +118,14 @@ class CoLMConfig:
         if self.feature_module is not None and (not isinstance(self.feature_module, str) or not self.feature_module):
             raise ValueError(f"CoLMConfig: `feature_module` must be a module name or regex, got "
                              f"{self.feature_module!r}.")
+        if self.features not in FEATURES:
+            raise ValueError(f"CoLMConfig: `features`={self.features!r}; use one of {list(FEATURES)}.")
+        if self.features == "backprop":
+            zeroth_order_only = {"epsilon": 1e-3, "num_directions": 1, "reuse_prefix": True}
+            changed = [name for name, default in zeroth_order_only.items() if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"CoLMConfig: {changed} only apply to features='zeroth_order'; with "
+                                 "features='backprop' the gradients are exact. Leave them at their defaults.")
         if not _is_number(self.epsilon) or self.epsilon <= 0:
             raise ValueError(f"CoLMConfig: `epsilon` must be > 0, got {self.epsilon!r}.")
         for name in ("num_directions", "sparse_dim"):

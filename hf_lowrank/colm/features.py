@@ -3,6 +3,9 @@
 For a random direction z over the block, (l_i(theta + eps z) - l_i(theta - eps z)) / (2 eps) estimates the
 directional derivative g_i . z, so g_i_hat = that scalar times z is an unbiased estimate of example i's gradient
 restricted to the block; averaging over directions reduces its variance. Only forwards run (no activations kept).
+With one direction every example's estimate is a multiple of the same z, so the selection sees one number per
+example; :func:`backprop_features` gives the exact per-example gradients instead (the official code's
+``masked_grad`` unit), at the cost of one backward through the layers above the block.
 """
 import contextlib
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ class FeatureBlock:
     parameter: nn.Parameter
     index: tuple
     block_index: Optional[int]  # the transformer block holding it (its earlier blocks can be reused), if any
+    module: nn.Module  # the linear / Conv1D layer whose weight ``parameter`` is (LoRA: its ``lora_B`` layer)
 
     @property
     def view(self) -> torch.Tensor:
@@ -78,11 +82,11 @@ def find_feature_block(model: nn.Module, feature_module: Optional[str] = None) -
     if isinstance(target, _lora_types()):
         adapter = target.active_adapters[0]
         lora_b = target.lora_B[adapter]
-        parameter, rows = lora_b.weight, lora_b.weight.shape[0]  # out x r
+        module, parameter, rows = lora_b, lora_b.weight, lora_b.weight.shape[0]  # out x r
         index = (slice(2 * rows // 3, rows), slice(None)) if fused_qkv and _is_fused(target.base_layer) else (
             slice(None), slice(None))
     else:
-        parameter = target.weight
+        module, parameter = target, target.weight
         if fused_qkv and _is_fused(target):
             cols = parameter.shape[1]  # Conv1D: in x 3h
             index = (slice(None), slice(2 * cols // 3, cols))
@@ -91,7 +95,7 @@ def find_feature_block(model: nn.Module, feature_module: Optional[str] = None) -
     block_index = None
     if blocks is not None:
         block_index = next((i for i, block in enumerate(blocks) if any(m is target for m in block.modules())), None)
-    return FeatureBlock(name=name, parameter=parameter, index=index, block_index=block_index)
+    return FeatureBlock(name=name, parameter=parameter, index=index, block_index=block_index, module=module)
 
 
 def _is_fused(module: nn.Module) -> bool:
@@ -175,3 +179,48 @@ def zeroth_order_features(model: nn.Module, block: FeatureBlock, inputs: dict, z
     finally:
         block.view.copy_(original)
     return (slopes.to(z.dtype) @ z) / z.shape[0]
+
+
+def backprop_features(model: nn.Module, block: FeatureBlock, inputs: dict, chunk_size: int) -> torch.Tensor:
+    """Exact per-example gradients (n x block.dim) of the mean next-token loss of each example of ``inputs``, one
+    forward and one backward per chunk of ``chunk_size`` examples. A layer's weight gradient is a sum over examples
+    of (output gradient)^T x (input), so keeping the block layer's input and output gradient gives every example's
+    gradient from a single backward. The forward runs without autograd up to the block layer, whose output becomes
+    the leaf that is differentiated, so only the layers above it keep activations; no ``.grad`` is written."""
+    labels = inputs["labels"]
+    n = labels.shape[0]
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    weight = block.module.weight
+    transposed = is_conv1d(block.module)  # Conv1D computes x @ W (W is in x out); a linear x @ W^T (W out x in)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    captured = {}
+
+    def capture(module, args, output):
+        captured["input"] = args[0].detach()
+        captured["output"] = output.detach().requires_grad_(True)
+        torch.set_grad_enabled(True)  # the layers above record their graph; the no_grad block below restores
+        return captured["output"]
+
+    features = []
+    handle = block.module.register_forward_hook(capture)
+    try:
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == (n,) else v)
+                     for k, v in model_inputs.items()}
+            with torch.no_grad():
+                logits = model(**chunk, use_cache=False).logits
+            if "output" not in captured:
+                raise RuntimeError(f"CoLM: the feature layer {block.name} did not run in the model's forward.")
+            total, count = per_example_loss(logits, labels[rows])
+            out = captured["output"]
+            (grad_out,) = torch.autograd.grad((total / count.clamp_min(1)).sum(), out)
+            size = grad_out.shape[0]
+            x = captured["input"].reshape(size, -1, captured["input"].shape[-1]).to(dtype)
+            g = grad_out.reshape(size, -1, grad_out.shape[-1]).to(dtype)
+            grads = torch.einsum("bti,bto->bio", x, g) if transposed else torch.einsum("bto,bti->boi", g, x)
+            features.append(grads[(slice(None), *block.index)].reshape(size, -1))
+            captured.clear()
+    finally:
+        handle.remove()
+    return torch.cat(features).to(weight.dtype)

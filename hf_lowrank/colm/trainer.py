@@ -12,7 +12,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from .config import CoLMConfig
-from .features import directions, find_feature_block, per_example_loss, zeroth_order_features
+from .features import backprop_features, directions, find_feature_block, per_example_loss, zeroth_order_features
 from .selection import plan_batch, select_medoids
 
 
@@ -70,15 +70,17 @@ def _check_column(dataset, column: str) -> None:
 class CoLMTrainer(Trainer):
     """Trainer whose every training micro-batch is a large batch (``per_device_train_batch_size``) from which a
     coreset of ``coreset_ratio`` x its size is trained on (CoLM, ICLR 2025): small sources kept whole, medoids of
-    each large source's zeroth-order gradient features chosen by facility location, each weighted by its cluster
-    size. Only the coreset runs forward + backward with activations kept, so peak memory is that of the small batch.
+    each large source's gradient features (zeroth-order, or exact with ``features="backprop"``) chosen by facility
+    location, each weighted by its cluster size. Only the coreset runs forward + backward with activations kept
+    (the exact features keep those of the layers above the block for one chunk), so peak memory is that of the
+    small batch.
 
     The loss is the weighted token sum over the coreset divided by the large batch's label-token count (the one
     Trainer computes over all accumulated micro-batches), so each step's loss estimates the standard loss of the
     whole accumulated large batch; without that count, the weighted token mean of the coreset. Gradient
     accumulation selects per micro-batch; under DDP every process selects from its own large batch and DDP averages
-    the gradients as usual. FSDP, DeepSpeed and multi-GPU DataParallel are refused (the zeroth-order perturbation
-    needs the whole feature weight in one module).
+    the gradients as usual. FSDP, DeepSpeed and multi-GPU DataParallel are refused (the features perturb or
+    differentiate the whole feature weight in one module).
 
     Training logs add ``colm/selection_seconds`` (mean per selection), ``colm/coreset_size``, ``colm/coverage/<s>``
     (share of source s's examples that were trained on) and, every ``matching_every`` steps,
@@ -244,9 +246,11 @@ class CoLMTrainer(Trainer):
         was_training = unwrapped.training
         unwrapped.eval()  # no dropout in the finite differences
         try:
-            z = directions(self.feature_block, cfg.seed, key, cfg.num_directions)
             chunk = cfg.feature_batch_size or cfg.coreset_size(self.args.per_device_train_batch_size)
             with self.compute_loss_context_manager():
+                if cfg.features == "backprop":
+                    return backprop_features(unwrapped, self.feature_block, inputs, chunk)
+                z = directions(self.feature_block, cfg.seed, key, cfg.num_directions)
                 return zeroth_order_features(unwrapped, self.feature_block, inputs, z, cfg.epsilon, chunk,
                                              cfg.reuse_prefix)
         finally:
