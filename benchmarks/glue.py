@@ -64,11 +64,11 @@ def point_name(mode, factor):
     return f"{mode} lr×{factor:g}"
 
 
-def build_point(mode, factor, task, seed, steps, batch_size, max_seq_length):
+def build_point(mode, factor, task, seed, steps, batch_size, max_seq_length, overrides=()):
     values = {"task": task, "seed": seed, "max_steps": steps, "batch_size": batch_size,
               "max_seq_length": max_seq_length}
     config = ROOT / "recipes" / "configs" / "glue" / f"minilm_{mode}.yaml"
-    cfg = common.load_config(glue.GlueConfig, config, [f"{k}={v}" for k, v in values.items()])
+    cfg = common.load_config(glue.GlueConfig, config, [f"{k}={v}" for k, v in values.items()] + list(overrides))
     cfg.lr *= factor
     torch.manual_seed(seed)  # same classification-head initialisation in every arm
     model, tokenizer = glue.load_model(cfg)
@@ -112,13 +112,16 @@ def evaluate(model, dataset, collate, task):
     return glue.glue_metrics(task, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
 
 
-def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, max_seq_length, progress, command=""):
-    """Train every (arm, lr factor) on train' side by side; score each on validation and dev."""
+def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, max_seq_length, progress, command="",
+             overrides=()):
+    """Train every (arm, lr factor) on train' side by side; score each on validation and dev. ``overrides``
+    (``key=value``) change every arm's YAML values."""
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
 
     points = [(mode, factor) for mode in arms for factor in factors]
-    built = [build_point(mode, factor, task, seed, steps, batch_size, max_seq_length) for mode, factor in points]
+    built = [build_point(mode, factor, task, seed, steps, batch_size, max_seq_length, overrides)
+             for mode, factor in points]
     cfg, _, tokenizer = built[0][:3]
     encoded = glue.tokenize(glue.load_glue(cfg), tokenizer, cfg).rename_column("label", "labels")
     split = encoded["train"].train_test_split(test_size=validation_size, seed=SPLIT_SEED)
@@ -158,7 +161,7 @@ def run_cell(task, seed, steps, batch_size, arms, factors, validation_size, max_
                             for label in set(dev["labels"])),
         "settings": {"steps": steps, "batch_size": batch_size, "max_seq_length": max_seq_length,
                      "train_examples": len(train), "validation_examples": len(validation), "dev_examples": len(dev),
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(), "overrides": list(overrides)},
     }
 
 
@@ -208,8 +211,18 @@ def step_ratios(summary, arm, key):
     return _mean(ratios)
 
 
+def arm_labels(overrides):
+    """Report names of the arms; WeLore's names the rank reduction an override set."""
+    labels = dict(ARMS)
+    rho = next((o.split("=", 1)[1] for o in overrides if o.startswith("welore_rank_reduction=")), None)
+    if rho is not None:
+        labels["welore"] = f"WeLore ρ={rho}"
+    return labels
+
+
 def render(cells, command):
     summary = select(cells)
+    labels = arm_labels(cells[0]["settings"].get("overrides", []))
     tasks = list(summary)
     metric = {t: glue.GLUE_TASKS[t].main_metric for t in tasks}
     arms = [a for a in ARMS if all(a in summary[t] for t in tasks)]
@@ -224,7 +237,7 @@ def render(cells, command):
                                                       if len(summary[t][arm]["dev_seeds"]) > 1 else " (1 seed)")
                   for t in tasks]
         lines.append("| " + " | ".join([
-            ARMS[arm], *scores, f"{average[arm]:.2f}",
+            labels[arm], *scores, f"{average[arm]:.2f}",
             f"{average[arm] - average['adamw']:+.2f}" if has_full else "n/a (no full-FT arm)",
             f"{first['state_bytes'] / 2**20:.1f}", f"{first['trainable']:,}",
             *((f"{step_ratios(summary, arm, key):.2f}" if has_full else "n/a") for key in ("median_step", "mean_step")),
@@ -239,19 +252,22 @@ def render(cells, command):
 
     seeds = sorted({c["seed"] for c in cells})
     settings = {t: next(c["settings"] for c in cells if c["task"] == t) for t in tasks}
+    overrides = cells[0]["settings"].get("overrides", [])
+    welore_rho = next((o.split("=", 1)[1] for o in overrides if o.startswith("welore_rank_reduction=")), "0.5")
     learned = {t: {a: summary[t][a]["dev"] > summary[t]["_constant"] + TRIVIAL_MARGIN for a in arms} for t in tasks}
     judged = [t for t in tasks if has_full and learned[t]["adamw"]]
     gaps = {t: summary[t]["galore"]["dev"] - summary[t]["adamw"]["dev"] for t in judged if "galore" in arms}
     met = bool(gaps) and all(g >= -TARGET_GAP for g in gaps.values())
     verdict = (("meets" if met else "misses") + " it (" + ", ".join(f"{t.upper()} {g:+.2f}" for t, g in gaps.items()) + ")"
                if gaps else "is not judged here (these cells lack the GaLore or full-FT arm)")
-    not_learned = [f"{ARMS[a]} on {t.upper()}" for t in tasks for a in arms if not learned[t][a]]
+    not_learned = [f"{labels[a]} on {t.upper()}" for t in tasks for a in arms if not learned[t][a]]
     text = [
         "# GLUE: MiniLM-L6, full fine-tuning vs GaLore vs LoRA vs GradNormLoRP vs WeLore", "",
         "Commands (training cells, then this report):", "",
         *(f"    {c}" for c in dict.fromkeys(cell.get("command", "") for cell in cells)), f"    {command}", "",
         "GLUE dev scores ×100 (mean ± std over seeds) at the hyper-parameters of recipes/configs/glue/minilm_<arm>.yaml"
-        " (the lr factor each arm selected on the held-out validation slice when several were run). Target: GaLore "
+        + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
+        + " (the lr factor each arm selected on the held-out validation slice when several were run). Target: GaLore "
         f"within {TARGET_GAP:g} point of full FT on every task full FT learns ({', '.join(t.upper() for t in judged) or 'none'})"
         f" -> **GaLore {verdict}**.",
         "Every arm learns every task (mean dev more than "
@@ -265,14 +281,15 @@ def render(cells, command):
             f"{s['dev_examples']}" for t, s in settings.items()) + ". Linear decay with 6% warm-up, grad clip 1.0, "
         "length-bucketed batches (same batches for every arm). All arms target query/key/value/intermediate.dense/"
         "output.dense. GaLore: rank 8, T 100, AdamW elsewhere; LoRA: r 8, alpha 16; GradNormLoRP: W = m·V/‖V‖, V's "
-        "gradients projected to rank 8, T 100; WeLore: rank reduction 0.5, only the low-rank factors train (AdamW). "
+        f"gradients projected to rank 8, T 100; WeLore: rank reduction {welore_rho}, only the low-rank factors train "
+        "(AdamW). "
         "LoRA, GradNormLoRP and WeLore train the new head in full and freeze the rest. Step times: "
         f"all arms interleaved step by step in one process, {settings[tasks[0]]['threads']} thread(s); "
         "'mean' includes SVD refreshes. Optimizer state: hf_lowrank.optim.optimizer_state_bytes (exact "
         "tensor bytes, projectors included). Best constant: the single label that scores best on dev (what "
         "'learned nothing' gets at most).", "",
         "## Selected hyper-parameters (best mean validation score)", "",
-        "| task | " + " | ".join(ARMS[a] for a in arms) + " |", "|---|" + "---|" * len(arms),
+        "| task | " + " | ".join(labels[a] for a in arms) + " |", "|---|" + "---|" * len(arms),
         *(f"| {t.upper()} | " + " | ".join(f"{summary[t][a]['point'].split(' ', 1)[1]} (lr {summary[t][a]['lr']:g})"
                                           for a in arms) + " |" for t in tasks),
         "", "## Every point (validation selects; dev shown for transparency only)", "",
@@ -287,7 +304,7 @@ def render(cells, command):
     return "\n".join(text), summary
 
 
-def plot(summary, path):
+def plot(summary, path, labels=ARMS):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +319,7 @@ def plot(summary, path):
         values = [summary[t][arm]["dev"] for t in tasks]
         errors = [summary[t][arm]["dev_std"] for t in tasks]
         ax1.bar([x + i * width for x in range(len(columns))], values + [_mean(values)], width,
-                yerr=errors + [0], capsize=3, label=ARMS[arm])
+                yerr=errors + [0], capsize=3, label=labels[arm])
     constant = [summary[t]["_constant"] for t in tasks]
     for x, value in enumerate(constant + [_mean(constant)]):
         ax1.hlines(value, x - width / 2, x + width * (len(arms) - 0.5), colors="k", linestyles="--",
@@ -311,7 +328,7 @@ def plot(summary, path):
     ax1.set_ylabel("GLUE dev metric (×100)")
     ax1.set_ylim(bottom=40)
     ax1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4)
-    ax2.bar([ARMS[a] for a in arms], [summary[tasks[0]][a]["state_bytes"] / 2**20 for a in arms],
+    ax2.bar([labels[a] for a in arms], [summary[tasks[0]][a]["state_bytes"] / 2**20 for a in arms],
             color=[f"C{i}" for i in range(len(arms))])
     ax2.set_ylabel("optimizer state (MB)")
     ax2.tick_params(axis="x", labelsize=8)
@@ -337,6 +354,9 @@ def main(argv=None):
                         help=f"tokens per example for every task of this run (default per task: {SEQ_LEN})")
     parser.add_argument("--validation-size", type=positive_int,
                         help=f"rows held out of train for validation, every task (default per task: {VALIDATION_SIZE})")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change every arm's YAML values for this run (e.g. welore_rank_reduction=0.3); "
+                             "recorded in each cell")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only render the report from finished cells")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -362,17 +382,22 @@ def main(argv=None):
             for task in args.tasks:
                 cell = run_cell(task, seed, steps[task], args.batch_size, args.arms, args.lr_factors,
                                 args.validation_size or VALIDATION_SIZE.get(task, 400),
-                                args.max_seq_length or SEQ_LEN.get(task, 128), not args.no_progress, command)
+                                args.max_seq_length or SEQ_LEN.get(task, 128), not args.no_progress, command,
+                                args.overrides)
                 paths.append(runs_dir / f"{task}-seed{seed}.json")
                 paths[-1].write_text(json.dumps(cell, indent=1) + "\n")
     cells = [json.loads(p.read_text()) for p in paths]
+    mixed = {tuple(c["settings"].get("overrides", [])) for c in cells}
+    if len(mixed) > 1:
+        parser.error(f"--render: the cells were run with different --set overrides {sorted(mixed)}; render each "
+                     "set of cells on its own")
     order = {t: i for i, t in enumerate(STEPS)}
     cells.sort(key=lambda c: (order.get(c["task"], len(order)), c["seed"]))
     report, summary = render(cells, command)
     print(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(report + "\n")
-    plot(summary, out.with_suffix(".png"))
+    plot(summary, out.with_suffix(".png"), arm_labels(cells[0]["settings"].get("overrides", [])))
     from hf_lowrank.hub import package_versions
 
     merged = {t: {a: {k: v for k, v in s.items() if k != "_rows"} for a, s in summary[t].items()

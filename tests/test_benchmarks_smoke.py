@@ -170,6 +170,26 @@ def test_glue_report_renders_cells_without_the_full_ft_arm(tmp_path):
     assert_outputs(tmp_path, "glue", ["GradNormLoRP r8", "n/a (no full-FT arm)", "is not judged here"])
 
 
+def test_glue_report_names_set_overrides_and_refuses_to_mix_them(tmp_path):
+    """Cells run with `--set welore_rank_reduction=0.3` are labelled so; cells of different overrides do not merge."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import glue
+
+    source = Path(__file__).parents[1] / "benchmarks/results/glue_arms/seq128"
+    paths = []
+    for path in sorted(source.glob("mrpc-seed*.json")):
+        cell = json.loads(path.read_text())
+        cell["settings"]["overrides"] = ["welore_rank_reduction=0.3"]
+        paths.append(tmp_path / path.name)
+        paths[-1].write_text(json.dumps(cell))
+    glue.main(["--render", *map(str, paths), "--out", str(tmp_path / "glue")])
+    assert_outputs(tmp_path, "glue", ["WeLore ρ=0.3", "with `welore_rank_reduction=0.3`", "rank reduction 0.3"])
+    with pytest.raises(SystemExit):
+        glue.main(["--render", str(paths[0]), str(source / "mrpc-seed3.json"), "--out", str(tmp_path / "mixed")])
+
+
 def test_cuber_overlap_fewshot_gives_each_task_its_own_images_and_the_report_pairs_seeds():
     from benchmarks import cuber
 
