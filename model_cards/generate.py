@@ -4,10 +4,10 @@
     python model_cards/generate.py --check         # exit 1 when a committed card differs from what this writes
 
 Each card is rendered by :func:`hf_lowrank.hub.render_benchmark_card` from the benchmark record (mean GLUE dev score
-per task over the seeds, optimizer state, trainable parameters, step-time ratio, the commands and the package
-versions the benchmark recorded) and the arm's recipe config (recipes/configs/glue/minilm_<mode>.yaml, its
-per-task learning rate included). Nothing else enters a card, so tests/test_hub.py can check that the committed
-cards are exactly what the results give.
+per task over the seeds, the learning rate each score was selected at, optimizer state, trainable parameters,
+step-time ratio, the commands and the package versions the benchmark recorded) and the arm's recipe config
+(recipes/configs/glue/minilm_<mode>.yaml) for its other hyper-parameters. Nothing else enters a card, so
+tests/test_hub.py can check that the committed cards are exactly what the results give.
 """
 import argparse
 import json
@@ -45,7 +45,6 @@ def cards(results_path: Path = RESULTS) -> dict[str, str]:
     arms = [a for a in HYPER if all(a in selected[t] for t in tasks)]
     texts = {}
     for mode in arms:
-        configs = {t: arm_config(mode, t) for t in tasks}
         scores = []
         for task, info in tasks.items():
             row, full = selected[task][mode], selected[task]["adamw"]
@@ -55,9 +54,9 @@ def cards(results_path: Path = RESULTS) -> dict[str, str]:
                 note = f"{row['dev'] - full['dev']:+.2f} vs full fine-tuning; " + note
             scores.append(hub.BenchmarkScore(task, info["metric"], row["dev"] / 100,
                                              tuple(v / 100 for v in row["dev_seeds"]), "validation", note))
-        first = configs[next(iter(tasks))]
+        first = arm_config(mode, next(iter(tasks)))
         settings = {t: i["settings"] for t, i in tasks.items()}
-        hyper = [("learning rate", ", ".join(f"{t} {c.lr:g}" for t, c in configs.items()))]
+        hyper = [("learning rate", ", ".join(f"{t} {selected[t][mode]['lr']:g}" for t in tasks))]
         hyper += [(key, getattr(first, key)) for key in HYPER[mode]]
         hyper += [("target_modules", first.target_modules), ("batch_size", first.batch_size),
                   ("steps", ", ".join(f"{t} {s['steps']}" for t, s in settings.items())),
