@@ -373,11 +373,17 @@ def main(argv=None):
             parser.error("--steps takes one value, or one per task in --tasks")
         steps = dict(zip(args.tasks, args.steps * len(args.tasks) if args.steps and len(args.steps) == 1
                          else args.steps or [STEPS.get(t, 150) for t in args.tasks]))
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
         for task in args.tasks:
             if task not in glue.GLUE_TASKS:
                 parser.error(f"unknown task {task!r}; choose from {', '.join(glue.GLUE_TASKS)}")
+        for mode in args.arms:  # a mistyped --set fails here, before any training
+            try:
+                common.load_config(glue.GlueConfig, ROOT / "recipes" / "configs" / "glue" / f"minilm_{mode}.yaml",
+                                   list(args.overrides))
+            except ValueError as error:
+                parser.error(f"--set: {error}")
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
         for seed in args.seeds:  # seed-major: an interrupted run still covers every task
             for task in args.tasks:
                 cell = run_cell(task, seed, steps[task], args.batch_size, args.arms, args.lr_factors,

@@ -170,8 +170,9 @@ def test_glue_report_renders_cells_without_the_full_ft_arm(tmp_path):
     assert_outputs(tmp_path, "glue", ["GradNormLoRP r8", "n/a (no full-FT arm)", "is not judged here"])
 
 
-def test_glue_report_names_set_overrides_and_refuses_to_mix_them(tmp_path):
-    """Cells run with `--set welore_rank_reduction=0.3` are labelled so; cells of different overrides do not merge."""
+def test_glue_report_names_set_overrides_and_refuses_to_mix_them(tmp_path, capsys):
+    """Cells run with `--set welore_rank_reduction=0.3` are labelled so; cells of different overrides do not merge;
+    a mistyped key stops the run before any training, naming the key."""
     import json
     from pathlib import Path
 
@@ -188,6 +189,11 @@ def test_glue_report_names_set_overrides_and_refuses_to_mix_them(tmp_path):
     assert_outputs(tmp_path, "glue", ["WeLore ρ=0.3", "with `welore_rank_reduction=0.3`", "rank reduction 0.3"])
     with pytest.raises(SystemExit):
         glue.main(["--render", str(paths[0]), str(source / "mrpc-seed3.json"), "--out", str(tmp_path / "mixed")])
+    with pytest.raises(SystemExit):
+        glue.main(["--tasks", "mrpc", "--arms", "welore", "--set", "welore_rank_redution=0.3",
+                   "--out", str(tmp_path / "typo" / "glue")])
+    assert "Did you mean `welore_rank_reduction`" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_cuber_overlap_fewshot_gives_each_task_its_own_images_and_the_report_pairs_seeds():
