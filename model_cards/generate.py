@@ -61,7 +61,8 @@ def cards(results_path: Path = RESULTS) -> dict[str, str]:
         hyper += [("target_modules", first.target_modules), ("batch_size", first.batch_size),
                   ("steps", ", ".join(f"{t} {s['steps']}" for t, s in settings.items())),
                   ("max_seq_length", ", ".join(f"{t} {s['max_seq_length']}" for t, s in settings.items())),
-                  ("warmup_ratio", first.warmup_ratio), ("seeds", ", ".join(map(str, tasks[next(iter(tasks))]["seeds"])))]
+                  ("warmup_ratio", first.warmup_ratio),
+                  ("seeds", ", ".join(map(str, tasks[next(iter(tasks))]["seeds"])))]
         row = selected[next(iter(tasks))][mode]
         ratio = record["step_time_ratio_median"].get(mode)
         resources = [("optimizer state", f"{row['state_bytes'] / 2**20:.1f} MB"),

@@ -44,8 +44,8 @@ def test_step_time_runs_interleaved_and_reports_ratios(tmp_path):
     ])
     assert_outputs(tmp_path, "step_time", ["torch AdamW", "galore-torch GaLoreAdamW", "| galore |", "| dct |"])
     assert results["full"]["torch AdamW"] == pytest.approx(1.0)
-    assert set(results["full"]) == {"torch AdamW", "torch AdamW foreach", "torch AdamW fused", "bitsandbytes AdamW8bit",
-                                    "galore-torch GaLoreAdamW", "adamw", "galore"}
+    assert set(results["full"]) == {"torch AdamW", "torch AdamW foreach", "torch AdamW fused",
+                                    "bitsandbytes AdamW8bit", "galore-torch GaLoreAdamW", "adamw", "galore"}
     assert all(ratio > 0 for ratio in results["full"].values())
     assert results["syncs"]["galore"] == {} and results["syncs"]["adamw"] == {}
     assert len(results["load"]) == 2
