@@ -64,11 +64,15 @@ def point_name(mode, factor):
     return f"{mode} lr×{factor:g}"
 
 
+def arm_config_path(mode):
+    return ROOT / "recipes" / "configs" / "glue" / f"minilm_{mode}.yaml"
+
+
 def build_point(mode, factor, task, seed, steps, batch_size, max_seq_length, overrides=()):
     values = {"task": task, "seed": seed, "max_steps": steps, "batch_size": batch_size,
               "max_seq_length": max_seq_length}
-    config = ROOT / "recipes" / "configs" / "glue" / f"minilm_{mode}.yaml"
-    cfg = common.load_config(glue.GlueConfig, config, [f"{k}={v}" for k, v in values.items()] + list(overrides))
+    cfg = common.load_config(glue.GlueConfig, arm_config_path(mode),
+                             [f"{k}={v}" for k, v in values.items()] + list(overrides))
     cfg.lr *= factor
     torch.manual_seed(seed)  # same classification-head initialisation in every arm
     model, tokenizer = glue.load_model(cfg)
@@ -378,8 +382,7 @@ def main(argv=None):
                 parser.error(f"unknown task {task!r}; choose from {', '.join(glue.GLUE_TASKS)}")
         for mode in args.arms:  # a mistyped --set fails here, before any training
             try:
-                common.load_config(glue.GlueConfig, ROOT / "recipes" / "configs" / "glue" / f"minilm_{mode}.yaml",
-                                   list(args.overrides))
+                common.load_config(glue.GlueConfig, arm_config_path(mode), list(args.overrides))
             except ValueError as error:
                 parser.error(f"--set: {error}")
         runs_dir.mkdir(parents=True, exist_ok=True)
