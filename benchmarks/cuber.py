@@ -64,6 +64,12 @@ numbers):
   scales' lr, by the same rule and on the same validation seeds and epochs as that sequence's CUBER row. It runs on
   the two overlap sequences, test seeds 5-24. The ``cuber`` rows (the paper's per-step demotion) stay the paper's
   method and are reported beside it.
+- Amendment 6 (2026-12-03 18:50 UTC, a diagnostic, before its runs; nothing is chosen or changed): amendments 4-5
+  left CUBER tied with TRGP on both overlap sequences. The ``cuber`` and ``cuber-vd`` rows of the two overlap
+  sequences are rerun, same seeds (5-24) and validation choices, with each task's regime-3 subspace recorded: the
+  dimension of the regime-3 tasks' span and how much of it stays movable outside the regime-1/2 tasks' subspaces
+  (``ContinualTrainer.correlation_history``, ``subspaces``). The rerun must reproduce the committed ACC and BWT
+  exactly (only bookkeeping was added); the report gains the subspace table.
 
     python benchmarks/cuber.py                                   # everything (about 1.5 h on one core)
     python benchmarks/cuber.py --sequences overlap --strategies gpm cuber --seeds 2 --name cuber_overlap_quick
@@ -450,7 +456,8 @@ def main(argv=None):
                            for per_layer in trainer.regime_counts()]
                 runs.append({"seed": seed, "acc": matrix.acc() * 100, "bwt": matrix.bwt() * 100, "seconds": seconds,
                              "bwt_s": list(selective_bwt(matrix, trainer)), "regimes": regimes,
-                             "demotions": sum(len(r.get("demotions", [])) for r in trainer.correlation_history)})
+                             "demotions": sum(len(r.get("demotions", [])) for r in trainer.correlation_history),
+                             "subspaces": regime3_subspaces(trainer)})
                 if seed == seeds[0]:
                     details[(sequence, strategy)] = {"R": matrix.to_dict(), "ranks": trainer.memory.ranks(),
                                                      "bytes": trainer.memory_bytes(), "seed": seed}
@@ -505,6 +512,40 @@ def paired_difference_lines(entries) -> list[str]:
             "|---|---|---|---|---|---|---|"] + lines
 
 
+def regime3_subspaces(trainer) -> list:
+    """Per task after the first (as assigned at its start): ``{layer: [open, allowed]}`` dimensions of the regime-3
+    subspace (CUBER; empty for the other strategies)."""
+    starts = {}
+    for record in trainer.correlation_history:
+        starts.setdefault(record["task_index"], record)
+    return [{name: [d["open"], d["allowed"]] for name, d in record.get("subspaces", {}).items()}
+            for _, record in sorted(starts.items())]
+
+
+def subspace_lines(entries: dict) -> list[str]:
+    """The regime-3 subspace table: how much of the regime-3 tasks' span stays movable after the other old tasks'
+    subspaces are protected (runs recorded before that field existed are left out)."""
+    rows = []
+    for (sequence, strategy), entry in entries.items():
+        runs = [r for r in entry["runs"] if "subspaces" in r]
+        if strategy not in CUBER_STRATEGIES or not runs:
+            continue
+        layers = sorted({name for r in runs for task in r["subspaces"] for name in task})
+        for name in layers:
+            pairs = [task[name] for r in runs for task in r["subspaces"] if name in task]
+            opened, allowed = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+            rows.append(f"| {sequence} | {strategy} | {len(runs)} | {name} | {len(pairs) / len(runs):.2f} | "
+                        f"{opened / max(1, len(pairs)):.1f} | {allowed / max(1, len(pairs)):.1f} | "
+                        f"{100 * allowed / max(1, opened):.0f}% |")
+    if not rows:
+        return []
+    return ["", "Regime-3 subspaces at the start of each task (CUBER): per layer, how often it has regime-3 old tasks "
+            "(per run), the dimension of their bases' span (open), and how much of it stays movable (allowed): the "
+            "directions outside every regime-1/2 old task's subspace, which Eq. 3 keeps protected.", "",
+            "| sequence | strategy | seeds | layer | (task, layer) cases / run | open dims (mean) | allowed dims "
+            "(mean) | allowed / open |", "|---|---|---|---|---|---|---|---|", *rows]
+
+
 def write_report(args, record: dict):
     """Markdown table, JSON and PNG of ``record`` (``commands``, ``runs`` per ``"sequence/strategy"``,
     ``validation``), written as ``<out-dir>/<name>.{md,json,png}``."""
@@ -556,6 +597,7 @@ def write_report(args, record: dict):
         for t, per_layer in enumerate(first["regimes"], start=1):
             cells = ", ".join(f"{name} {c[0]}/{c[1]}/{c[2]}" for name, c in per_layer.items())
             lines.append(f"| {sequence} | {strategy} | {first['seed']} | {t} | {cells} |")
+    lines += subspace_lines(entries)
     lines += ["", "Memory held after the last task (each row's first test seed): basis size / input dim and bytes "
               "per layer: union basis "
               "(GPM), per-task bases and TRGP scales (TRGP, CUBER), stored whole layer gradients (CUBER, what "

@@ -215,3 +215,15 @@ def test_cuber_overlap_fewshot_gives_each_task_its_own_images_and_the_report_pai
     grid = cuber.candidates("overlap_fewshot", "cuber-vd")  # amendment 5: the demotion rule on validation too
     assert len(grid) == len(cuber.DEMOTION_GRID) * len(cuber.GRID_PENALTY) * len(cuber.SCALE_LR_FACTORS)
     assert {g["demotion"] for g in grid} == set(cuber.DEMOTION_GRID)
+
+
+def test_cuber_report_shows_how_much_of_the_regime3_subspace_stays_movable():
+    from benchmarks import cuber
+
+    entries = {("s", "cuber"): {"runs": [{"subspaces": [{"lin1": [10, 10]}, {"lin1": [20, 2], "lin2": [4, 0]}]},
+                                         {"subspaces": [{}, {"lin1": [30, 0]}]}]},
+               ("s", "trgp"): {"runs": [{"seed": 1}]},
+               ("t", "cuber"): {"runs": [{"seed": 1}]}}  # recorded before the field existed: left out
+    assert cuber.subspace_lines(entries)[-2:] == ["| s | cuber | 2 | lin1 | 1.50 | 20.0 | 4.0 | 20% |",
+                                                  "| s | cuber | 2 | lin2 | 0.50 | 4.0 | 0.0 | 0% |"]
+    assert cuber.subspace_lines({("t", "cuber"): {"runs": [{"seed": 1}]}}) == []

@@ -171,8 +171,10 @@ def test_backward_update_keeps_regime3_subspace_and_protects_the_rest():
     memory = LayerMemory(union=eye[:, :3], task_bases=[eye[:, :2], eye[:, 1:3]])
     grad = torch.ones(2, 6)
     # task 0 (e1, e2) is in regime 3, task 1 (e2, e3) is not: only e1 may move; e2 is shielded because task 1 uses it
-    torch.testing.assert_close(LayerProjection(memory, open_tasks=[0]).project(grad),
-                               torch.tensor([[1.0, 0, 0, 1, 1, 1]] * 2))
+    opened = LayerProjection(memory, open_tasks=[0])
+    torch.testing.assert_close(opened.project(grad), torch.tensor([[1.0, 0, 0, 1, 1, 1]] * 2))
+    assert (opened.open_dims, opened.allowed_dims) == (2, 1)
+    assert (LayerProjection(memory).open_dims, LayerProjection(memory).allowed_dims) == (0, 0)
     torch.testing.assert_close(LayerProjection(memory, open_tasks=[0], backward_scale=0.5).project(grad),
                                torch.tensor([[0.5, 0, 0, 1, 1, 1]] * 2))
     # GPM: the whole union is removed
@@ -315,6 +317,9 @@ def test_backward_transfer_only_in_selected_layers(tmp_path):
     projections = trainer._projection.projections
     assert projections["lin1"].allowed is not None
     assert projections["lin2"].allowed is None and projections["head"].allowed is None
+    # one old task, nothing to shield it from: all of its subspace stays open
+    rank = trainer.memory.layers["lin1"].task_bases[0].shape[1]
+    assert trainer.correlation_history[0]["subspaces"] == {"lin1": {"open": rank, "allowed": rank}}
     # the head was GPM-projected: its update has no component in the old task's subspace
     assert ((model.head.weight.detach() - head_before) @ union).abs().max() < 1e-5
     assert (model.head.weight.detach() - head_before).abs().max() > 1e-4

@@ -117,7 +117,11 @@ def _orthonormal(columns: torch.Tensor, tolerance: float = 1e-3) -> torch.Tensor
 
 
 class LayerProjection:
-    """The projection of one layer's gradient during one task: GPM's, with the regime-3 subspaces kept open."""
+    """The projection of one layer's gradient during one task: GPM's, with the regime-3 subspaces kept open.
+
+    Only the directions of the regime-3 tasks' span outside every other old task's basis stay open (the gradient
+    loses its component in each regime-1/2 task's subspace, Eq. 3): ``open_dims`` is the dimension of that span,
+    ``allowed_dims`` what is left of it, the directions the new task may actually move."""
 
     def __init__(self, memory: LayerMemory, open_tasks=(), backward_scale: float = 1.0):
         self.union = memory.union
@@ -125,10 +129,12 @@ class LayerProjection:
         self.open_tasks = sorted(set(open_tasks))
         protected = [memory.task_bases[j] for j in range(len(memory.task_bases)) if j not in self.open_tasks]
         allowed = _orthonormal(torch.cat([memory.task_bases[j] for j in self.open_tasks], 1)) if self.open_tasks else None
+        self.open_dims = 0 if allowed is None else allowed.shape[1]
         if allowed is not None and protected:
             shield = _orthonormal(torch.cat(protected, 1), tolerance=1e-6)
             allowed = _orthonormal(allowed - shield @ (shield.T @ allowed))
         self.allowed = allowed if allowed is not None and allowed.shape[1] > 0 else None
+        self.allowed_dims = 0 if self.allowed is None else self.allowed.shape[1]
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         """Projected copy of ``grad`` (any shape whose first dim is the output dim)."""

@@ -69,6 +69,11 @@ class ContinualTrainer(Trainer):
         All other arguments are those of ``transformers.Trainer``; pass custom optimizers as
         ``optimizer_cls_and_kwargs`` (a fresh optimizer is built per task, since moments from an old task would
         move the protected subspaces).
+
+    ``correlation_history`` holds one record per regime assignment (the start of each task after the first, and
+    every re-test): per layer the tests and regime of each old task, the step demotions, and under CUBER
+    ``subspaces``, per layer with regime-3 tasks the dimension of their span (``open``) and of what stays movable
+    outside the other old tasks' subspaces (``allowed``).
     """
 
     def __init__(self, model=None, args=None, continual_config: ContinualConfig | None = None, **kwargs):
@@ -411,6 +416,9 @@ class ContinualTrainer(Trainer):
         self._projection.projections = {
             name: LayerProjection(self.memory.layers[name], open_tasks[name], config.backward_scale) for name in names
         }
+        if config.strategy == "cuber":
+            record["subspaces"] = {name: {"open": p.open_dims, "allowed": p.allowed_dims}
+                                   for name, p in self._projection.projections.items() if p.open_tasks}
 
     def regime_counts(self) -> list[dict[str, dict[int, int]]]:
         """Per task after the first: ``{layer: {regime: number of old tasks}}`` as assigned at the start of the task,
