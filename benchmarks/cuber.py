@@ -404,6 +404,7 @@ def main(argv=None):
     args.command = "python benchmarks/cuber.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
         merged = {"commands": [], "runs": {}, "validation": [], "notes": list(args.note)}
+        replaced = []
         for path in args.merge:
             part = json.loads(path.read_text())
             merged["commands"] += part["commands"]
@@ -412,11 +413,19 @@ def main(argv=None):
                 if key not in merged["runs"]:
                     merged["runs"][key] = entry
                     continue
-                merged["runs"][key]["runs"] += entry["runs"]
-                if entry["detail"]["seed"] < merged["runs"][key]["detail"]["seed"]:
-                    merged["runs"][key]["detail"] = entry["detail"]
+                target = merged["runs"][key]
+                by_seed = {r["seed"]: r for r in target["runs"]}
+                for run in entry["runs"]:  # a later file's run of the same seed is a rerun: it supersedes
+                    if run["seed"] in by_seed:
+                        replaced.append((key, by_seed[run["seed"]], run))
+                    by_seed[run["seed"]] = run
+                target["runs"] = list(by_seed.values())
+                if entry["detail"]["seed"] <= target["detail"]["seed"]:
+                    target["detail"] = entry["detail"]
         for entry in merged["runs"].values():
             entry["runs"].sort(key=lambda r: r["seed"])
+        if replaced:
+            merged["notes"].append(rerun_note(replaced))
         merged["commands"].append(args.command)
         write_report(args, merged)
         return
@@ -510,6 +519,14 @@ def paired_difference_lines(entries) -> list[str]:
     return ["", "CUBER's BWT minus TRGP's, paired by seed (percentage points; SE = standard error of the mean):", "",
             "| sequence | strategy | paired seeds | mean difference | SE | seeds CUBER higher | seeds TRGP higher |",
             "|---|---|---|---|---|---|---|"] + lines
+
+
+def rerun_note(replaced: list) -> str:
+    """What a merge says of the runs a later file reran: how many, and how far their ACC / BWT moved."""
+    keys = sorted({key for key, _, _ in replaced})
+    moved = max(max(abs(new["acc"] - old["acc"]), abs(new["bwt"] - old["bwt"])) for _, old, new in replaced)
+    return (f"{len(replaced)} runs ({', '.join(keys)}) were rerun by a later file of the merge, which supersedes "
+            f"them; the largest change of ACC or BWT between a run and its rerun: {moved:.4f} points.")
 
 
 def regime3_subspaces(trainer) -> list:

@@ -227,3 +227,17 @@ def test_cuber_report_shows_how_much_of_the_regime3_subspace_stays_movable():
     assert cuber.subspace_lines(entries)[-2:] == ["| s | cuber | 2 | lin1 | 1.50 | 20.0 | 4.0 | 20% |",
                                                   "| s | cuber | 2 | lin2 | 0.50 | 4.0 | 0.0 | 0% |"]
     assert cuber.subspace_lines({("t", "cuber"): {"runs": [{"seed": 1}]}}) == []
+
+
+def test_cuber_merge_lets_a_rerun_supersede_the_same_seed_and_says_how_far_it_moved(tmp_path):
+    from pathlib import Path
+
+    from benchmarks import cuber
+
+    runs = Path(__file__).parents[1] / "benchmarks/results/cuber_algorithm1_runs"
+    part = runs / "amendments4_5/r10_overlap_fewshot_vd.json"
+    cuber.main(["--merge", str(part), str(part), "--name", "merged", "--out-dir", str(tmp_path)])
+    report = (tmp_path / "merged.md").read_text()
+    assert "| overlap_fewshot | cuber-vd | 20 |" in report  # 20 seeds, not 40
+    assert ("20 runs (overlap_fewshot/cuber-vd) were rerun by a later file of the merge, which supersedes them; the "
+            "largest change of ACC or BWT between a run and its rerun: 0.0000 points.") in report
