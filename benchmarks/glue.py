@@ -224,6 +224,33 @@ def arm_labels(overrides):
     return labels
 
 
+def cell_commands(cell):
+    return cell.get("commands", [cell.get("command", "")])
+
+
+def merge_cells(cells):
+    """One cell per (task, seed): cells of the same task and seed from separate runs (an lr grid or an arm added
+    later) are joined, their points side by side, if they ran with the same settings; the joined cell keeps every
+    run's command (``commands``)."""
+    merged = {}
+    for cell in cells:
+        key = (cell["task"], cell["seed"])
+        if key not in merged:
+            merged[key] = {**cell, "points": list(cell["points"]), "commands": [cell.get("command", "")]}
+            continue
+        into = merged[key]
+        if cell["settings"] != into["settings"]:
+            raise ValueError(f"two cells of {key[0]} seed {key[1]} ran with different settings "
+                             f"({into['settings']} vs {cell['settings']}); render them separately")
+        repeated = {row["point"] for row in into["points"]} & {row["point"] for row in cell["points"]}
+        if repeated:
+            raise ValueError(f"two cells of {key[0]} seed {key[1]} both have the point(s) {sorted(repeated)}; pass "
+                             "only one of them")
+        into["points"] += cell["points"]
+        into["commands"].append(cell.get("command", ""))
+    return list(merged.values())
+
+
 def render(cells, command):
     summary = select(cells)
     labels = arm_labels(cells[0]["settings"].get("overrides", []))
@@ -268,7 +295,7 @@ def render(cells, command):
     text = [
         "# GLUE: MiniLM-L6, full fine-tuning vs GaLore vs LoRA vs GradNormLoRP vs WeLore", "",
         "Commands (training cells, then this report):", "",
-        *(f"    {c}" for c in dict.fromkeys(cell.get("command", "") for cell in cells)), f"    {command}", "",
+        *(f"    {c}" for c in dict.fromkeys(c for cell in cells for c in cell_commands(cell))), f"    {command}", "",
         "GLUE dev scores ×100 (mean ± std over seeds) at the hyper-parameters of recipes/configs/glue/minilm_<arm>.yaml"
         + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
         + " (the lr factor each arm selected on the held-out validation slice when several were run). Target: GaLore "
@@ -288,7 +315,10 @@ def render(cells, command):
         f"gradients projected to rank 8, T 100; WeLore: rank reduction {welore_rho}, only the low-rank factors train "
         "(AdamW). "
         "LoRA, GradNormLoRP and WeLore train the new head in full and freeze the rest. Step times: "
-        f"all arms interleaved step by step in one process, {settings[tasks[0]]['threads']} thread(s); "
+        + ("the points of one task and seed come from separate runs (joined cells), so the step-time ratios compare "
+           "separate processes; " if any(len(cell_commands(c)) > 1 for c in cells) else
+           "all arms interleaved step by step in one process, ")
+        + f"{settings[tasks[0]]['threads']} thread(s); "
         "'mean' includes SVD refreshes. Optimizer state: hf_lowrank.optim.optimizer_state_bytes (exact "
         "tensor bytes, projectors included). Best constant: the single label that scores best on dev (what "
         "'learned nothing' gets at most).", "",
@@ -400,6 +430,10 @@ def main(argv=None):
     if len(mixed) > 1:
         parser.error(f"--render: the cells were run with different --set overrides {sorted(mixed)}; render each "
                      "set of cells on its own")
+    try:
+        cells = merge_cells(cells)
+    except ValueError as error:
+        parser.error(f"--render: {error}")
     order = {t: i for i, t in enumerate(STEPS)}
     cells.sort(key=lambda c: (order.get(c["task"], len(order)), c["seed"]))
     report, summary = render(cells, command)
@@ -418,7 +452,7 @@ def main(argv=None):
                       "seeds": sorted(c["seed"] for c in cells if c["task"] == t),
                       "settings": next(c["settings"] for c in cells if c["task"] == t)} for t in summary},
         "step_time_ratio_median": {a: step_ratios(summary, a, "median_step") for a in arms if "adamw" in arms},
-        "commands": [*dict.fromkeys(c.get("command", "") for c in cells), command],
+        "commands": [*dict.fromkeys(c for cell in cells for c in cell_commands(cell)), command],
         "meta": {"versions": package_versions(), "git_sha": common.git_sha()},  # what the model cards record
         "cells": [p.as_posix() for p in paths],
     }

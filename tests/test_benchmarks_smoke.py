@@ -241,3 +241,30 @@ def test_cuber_merge_lets_a_rerun_supersede_the_same_seed_and_says_how_far_it_mo
     assert "| overlap_fewshot | cuber-vd | 20 |" in report  # 20 seeds, not 40
     assert ("20 runs (overlap_fewshot/cuber-vd) were rerun by a later file of the merge, which supersedes them; the "
             "largest change of ACC or BWT between a run and its rerun: 0.0000 points.") in report
+
+
+def test_glue_render_joins_cells_of_one_task_and_seed_from_separate_runs(tmp_path, capsys):
+    """An lr grid extended by a later run renders as one grid per (task, seed); a point given twice, or cells of
+    different settings, stop the render with a message naming the cells."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import glue
+
+    arms = Path(__file__).parents[1] / "benchmarks/results/glue_arms"
+    first, later = arms / "rte1600_galore/rte-seed5.json", arms / "rte1600_galore_grid/rte-seed5.json"
+    joined = glue.merge_cells([json.loads(first.read_text()), json.loads(later.read_text())])
+    assert len(joined) == 1 and [p["point"] for p in joined[0]["points"]] == [
+        "galore lr×0.5", "galore lr×1", "galore lr×2"]
+    assert len(joined[0]["commands"]) == 2
+    glue.main(["--render", str(first), str(later), "--out", str(tmp_path / "joined")])
+    assert "compare separate processes" in (tmp_path / "joined.md").read_text()
+    with pytest.raises(SystemExit):
+        glue.main(["--render", str(first), str(first), "--out", str(tmp_path / "twice")])
+    assert "both have the point(s) ['galore lr×0.5']" in capsys.readouterr().err
+    other = json.loads(later.read_text())
+    other["settings"]["steps"] = 800
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        glue.main(["--render", str(first), str(tmp_path / "other.json"), "--out", str(tmp_path / "mixed")])
+    assert "ran with different settings" in capsys.readouterr().err
