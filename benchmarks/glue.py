@@ -236,7 +236,7 @@ def merge_cells(cells):
     for cell in cells:
         key = (cell["task"], cell["seed"])
         if key not in merged:
-            merged[key] = {**cell, "points": list(cell["points"]), "commands": [cell.get("command", "")]}
+            merged[key] = {**cell, "points": list(cell["points"]), "commands": list(cell_commands(cell))}
             continue
         into = merged[key]
         if cell["settings"] != into["settings"]:
@@ -247,7 +247,7 @@ def merge_cells(cells):
             raise ValueError(f"two cells of {key[0]} seed {key[1]} both have the point(s) {sorted(repeated)}; pass "
                              "only one of them")
         into["points"] += cell["points"]
-        into["commands"].append(cell.get("command", ""))
+        into["commands"] += cell_commands(cell)
     return list(merged.values())
 
 

@@ -134,7 +134,10 @@ class LayerProjection:
             shield = _orthonormal(torch.cat(protected, 1), tolerance=1e-6)
             allowed = _orthonormal(allowed - shield @ (shield.T @ allowed))
         self.allowed = allowed if allowed is not None and allowed.shape[1] > 0 else None
-        self.allowed_dims = 0 if self.allowed is None else self.allowed.shape[1]
+
+    @property
+    def allowed_dims(self) -> int:
+        return 0 if self.allowed is None else self.allowed.shape[1]
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         """Projected copy of ``grad`` (any shape whose first dim is the output dim)."""
