@@ -363,16 +363,20 @@ def test_tuner_arms_train_their_parameters_and_the_task_head(mode):
 
 def test_bitsandbytes_kernels_message_does_not_reach_users():
     """Importing the recipes, then transformers' Trainer and peft (both import bitsandbytes) prints no "kernels"
-    warning; other bitsandbytes messages still get through."""
+    warning: neither bitsandbytes' (online) nor `kernels`' skipped publisher check of bitsandbytes' repository
+    (offline); other bitsandbytes and `kernels` messages still get through."""
     import logging
+    import os
     import subprocess
 
     code = ("import sys; sys.path.insert(0, 'recipes'); import common; from transformers import Trainer; import peft; "
-            "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('other message')")
+            "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('other message'); "
+            "logging.getLogger('kernels._internals.hf_hub').warning(\"Skipping publisher trust check for 'a/b'\")")
     run = subprocess.run([sys.executable, "-c", code], cwd=common.REPO_DIR, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
-    assert "kernels" not in run.stderr and "other message" in run.stderr
+    assert "kernels" not in run.stderr and "other message" in run.stderr, run.stderr
+    assert "Skipping publisher trust check for 'a/b'" in run.stderr
     record = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "", 0,
                                "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", ("x",), None)
     assert not logging.getLogger("bitsandbytes.backends.cpu.ops").filter(record)

@@ -3,24 +3,34 @@ import importlib.util
 import logging
 
 
-# bitsandbytes (imported by transformers' Trainer and by peft, whether or not 8-bit state is used) logs a warning at
-# import on CPUs with AVX512-BF16 when the optional `kernels` package is missing. It concerns only its 4-bit CPU
-# matmul, which hf_lowrank never calls, so users should not see it.
-_BNB_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
-_BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+# bitsandbytes (imported by transformers' Trainer and by peft, whether or not 8-bit state is used) tries at import, on
+# CPUs with AVX512-BF16, to load its 4-bit CPU matmul from the Hub through the `kernels` package. Its failure (no
+# `kernels`, or an unverifiable publisher) and, in offline mode, `kernels`' "skipping publisher trust check" for that
+# repository are logged as warnings. They concern only the 4-bit CPU matmul, which hf_lowrank never calls, so users
+# should not see them. Each entry: (logger, start of the message dropped there).
+_BNB_KERNELS_REPO = "kernels-community/quantization-bitsandbytes"
+_BNB_KERNELS_MESSAGES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", f"Skipping publisher trust check for '{_BNB_KERNELS_REPO}'"),
+)
 
 
 class _DropBitsandbytesKernelsMessage(logging.Filter):
+    def __init__(self, message_start: str):
+        super().__init__()
+        self.message_start = message_start
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_BNB_KERNELS_MESSAGE)
+        return not str(record.msg).startswith(self.message_start)
 
 
 def silence_bitsandbytes_kernels_message() -> None:
-    """Drop bitsandbytes' import-time "kernels" warning (only that message); must run before bitsandbytes is
+    """Drop bitsandbytes' import-time "kernels" warnings (only those messages); must run before bitsandbytes is
     imported, so hf_lowrank and the recipes call it before importing transformers."""
-    bnb_logger = logging.getLogger(_BNB_KERNELS_LOGGER)
-    if not any(isinstance(f, _DropBitsandbytesKernelsMessage) for f in bnb_logger.filters):
-        bnb_logger.addFilter(_DropBitsandbytesKernelsMessage())
+    for logger_name, message_start in _BNB_KERNELS_MESSAGES:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropBitsandbytesKernelsMessage) for f in logger.filters):
+            logger.addFilter(_DropBitsandbytesKernelsMessage(message_start))
 
 
 silence_bitsandbytes_kernels_message()
