@@ -33,15 +33,15 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-from transformers import PrinterCallback, TrainingArguments
-from transformers.utils import logging as hf_logging
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import load_mnist_test_set  # noqa: E402
-from hf_lowrank.tpsgd import (  # noqa: E402
+from hf_lowrank.tpsgd import (  # noqa: E402  (before transformers: keeps bitsandbytes' import-time warnings quiet)
     InputsLabelsDataset, LastTimeStep, TpSGDConfig, TpSGDModel, TpSGDTrainer,
 )
+from transformers import PrinterCallback, TrainingArguments  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,6 +5,8 @@ Top-level names are imported lazily so ``import hf_lowrank`` stays cheap and opt
 """
 import importlib
 
+from hf_lowrank.utils import imports as _imports  # noqa: F401  (keeps bitsandbytes' import-time warnings quiet)
+
 
 __version__ = "0.1.0"
 

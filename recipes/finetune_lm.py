@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import TrainerCallback
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # noqa: E402  (before transformers: keeps bitsandbytes' import-time warnings quiet)
 import models  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 
 SHIPPED_TEXT = common.REPO_DIR / "data" / "main_job"

@@ -6,6 +6,8 @@
 ``$HF_LOWRANK_CACHE`` (default ``~/.cache/hf_lowrank``); later loads read that folder. Any other name is handed
 to ``from_pretrained`` (a local folder, or a Hub id when online).
 """
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -13,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+import hf_lowrank.utils.imports  # noqa: F401  (before transformers: keeps bitsandbytes' import-time warnings quiet)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from transformers.utils import logging
 
@@ -42,6 +46,23 @@ def smollm2_gguf_dir() -> Path:
     return Path(spec.origin).parent
 
 
+@contextlib.contextmanager
+def gguf_progress_follows_transformers():
+    """transformers draws its GGUF dequantization bar with plain tqdm, which ignores transformers' own progress-bar
+    switch; inside this block that bar follows the switch too (``progress=false`` in the recipes turns it off)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if logging.is_progress_bar_enabled():
+        yield
+        return
+    plain_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain_tqdm
+
+
 def convert_gguf_checkpoint(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
     """Dequantize a GGUF causal LM into an fp32 safetensors folder (model + tokenizer) at ``out_dir``.
 
@@ -49,8 +70,9 @@ def convert_gguf_checkpoint(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Pa
     half-written cache behind.
     """
     logger.info(f"converting {gguf_dir / gguf_file} to safetensors at {out_dir} (one-off, ~30 s)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    with gguf_progress_follows_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # save_pretrained refuses models that still claim to be GGUF-quantized

@@ -380,3 +380,41 @@ def test_bitsandbytes_kernels_message_does_not_reach_users():
     record = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "", 0,
                                "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", ("x",), None)
     assert not logging.getLogger("bitsandbytes.backends.cpu.ops").filter(record)
+
+
+def test_import_hf_lowrank_quiets_bitsandbytes_without_importing_torch():
+    """``import hf_lowrank`` before transformers is enough to keep the "kernels" warnings away, and stays cheap."""
+    import os
+    import subprocess
+
+    code = ("import sys, hf_lowrank; assert 'torch' not in sys.modules, 'import hf_lowrank imported torch'; "
+            "from transformers import Trainer")
+    run = subprocess.run([sys.executable, "-c", code], cwd=common.REPO_DIR, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "kernels" not in run.stderr, run.stderr
+
+
+QUIETING_IMPORTS = {"hf_lowrank", "common", "models"}  # each installs hf_lowrank's bitsandbytes log filters
+NOISY_IMPORTS = {"transformers", "peft", "bitsandbytes", "trl"}  # each may import bitsandbytes
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(common.REPO_DIR)) for folder in ("recipes", "benchmarks")
+                                          for p in (common.REPO_DIR / folder).glob("*.py")))
+def test_scripts_import_hf_lowrank_before_transformers(script):
+    """A recipe or benchmark that imports transformers (or peft) at module level before hf_lowrank would print
+    bitsandbytes' import-time "kernels" warnings (the filters must be in place before bitsandbytes is imported)."""
+    import ast
+
+    quieted = False
+    for node in ast.parse((common.REPO_DIR / script).read_text()).body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            quieted = quieted or top in QUIETING_IMPORTS
+            assert quieted or top not in NOISY_IMPORTS, f"{script}:{node.lineno} imports {name} before hf_lowrank"

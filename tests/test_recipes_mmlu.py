@@ -180,3 +180,23 @@ def test_offline_alias_resolves_to_the_converted_cache(tmp_path, monkeypatch):
     assert models.resolve_model_path("SmolLM2-135M") == str(converted)
     assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (models.smollm2_gguf_dir() / models.SMOLLM2_GGUF_FILE).is_file()
+
+
+def test_gguf_progress_bar_follows_transformers_switch():
+    """transformers draws the GGUF dequantization bar with plain tqdm: progress=false turns it off too, and the
+    patch is undone on leaving the block."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging
+
+    plain_tqdm = gguf_utils.tqdm
+    try:
+        logging.disable_progress_bar()
+        with models.gguf_progress_follows_transformers():
+            assert gguf_utils.tqdm(range(3)).disable
+        assert gguf_utils.tqdm is plain_tqdm
+        logging.enable_progress_bar()
+        with models.gguf_progress_follows_transformers():
+            assert gguf_utils.tqdm is plain_tqdm
+    finally:
+        logging.enable_progress_bar()
+        gguf_utils.tqdm = plain_tqdm
