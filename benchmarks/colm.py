@@ -30,6 +30,14 @@ Protocol (fixed before the first run; every number comes from this script):
   process (``--time-rounds`` = 15 after a warm-up); ratios of medians to random-b.
 - targets (issue 19): colm test loss <= random-b on every source and overall <= 1.02 x random-2b (means over
   seeds); colm peak memory at the b level (<= 1.10 x random-b's, against 2b's ~2x).
+
+Fine-tuning protocol (``--warm-start-steps N``, added 2026-12-04 before its first run; the from-scratch protocol
+above is unchanged and stays the default): CoLM is a fine-tuning method, so every arm of a seed starts from the same
+model pre-trained on text none of the four sources contains, WikiText-2 (``main_job/wikitext2_train.txt``, random
+64-byte windows, batch b, torch AdamW lr 3e-3, 5% warm-up then linear decay, clip 1.0, seeded by the seed), for N
+steps; everything else (mixture, lr grid on seed 0's validation, seeds, steps, metrics, targets) is as above.
+
+    python benchmarks/colm.py --warm-start-steps 1000 --name colm_finetune
 """
 import argparse
 import csv
@@ -65,6 +73,7 @@ SOURCES = ("sst2", "commonsense", "shakespeare", "mmlu")
 MIXTURE = {"sst2": 0.60, "commonsense": 0.25, "shakespeare": 0.10, "mmlu": 0.05}
 LR_GRID = (1e-3, 3e-3)
 DATA = common.REPO_ROOT / "data"
+PRETRAIN_TEXT = DATA / "main_job" / "wikitext2_train.txt"
 PAD = 0  # byte 0 never occurs in the texts
 
 
@@ -78,6 +87,8 @@ def parse_args(argv):
     parser.add_argument("--train-size", type=int, default=6000)
     parser.add_argument("--heldout", type=int, default=96)
     parser.add_argument("--lr", type=float, default=None, help="skip the lr choice and use this lr for every arm")
+    parser.add_argument("--warm-start-steps", type=int, default=0,
+                        help="pre-train every seed's model this many steps on WikiText-2 first (fine-tuning protocol)")
     parser.add_argument("--matching-every", type=int, default=50)
     parser.add_argument("--time-rounds", type=int, default=15)
     parser.add_argument("--out-dir", default=str(common.DEFAULT_OUT_DIR))
@@ -142,6 +153,42 @@ def build_model(seed: int):
                               max_positions=128)
 
 
+_PRETRAINED: dict = {}  # (seed, steps, batch, seq) -> state dict of the warm-started model
+
+
+def pretrain(seed: int, steps: int, batch: int, seq: int) -> dict:
+    """State dict of ``build_model(seed)`` after ``steps`` AdamW steps on random WikiText-2 byte windows."""
+    key = (seed, steps, batch, seq)
+    if key not in _PRETRAINED:
+        data = torch.tensor(list(PRETRAIN_TEXT.read_bytes()), dtype=torch.long)
+        model = build_model(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        warmup = max(1, steps // 20)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: min((t + 1) / warmup, max(0.0, (steps - t) / max(1, steps - warmup))))
+        generator = torch.Generator().manual_seed(10_000 + seed)
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - seq, (batch,), generator=generator)
+            ids = torch.stack([data[s:s + seq] for s in starts.tolist()])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        print(json.dumps({"pretrain_seed": seed, "steps": steps, "final_loss": float(loss.detach())}), flush=True)
+        _PRETRAINED[key] = {k: v.clone() for k, v in model.state_dict().items()}
+    return _PRETRAINED[key]
+
+
+def initial_model(seed: int, args):
+    """The model every arm of ``seed`` starts from: random init, or warm-started (``--warm-start-steps``)."""
+    model = build_model(seed)
+    if args.warm_start_steps:
+        model.load_state_dict(pretrain(seed, args.warm_start_steps, args.batch, args.seq))
+    return model
+
+
 def make_trainer(arm: str, seed: int, lr: float, args, train, steps: int, output_dir: str):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -153,7 +200,7 @@ def make_trainer(arm: str, seed: int, lr: float, args, train, steps: int, output
         lr_scheduler_type="linear", warmup_steps=max(1, steps // 20), weight_decay=0.0, seed=seed,
         data_seed=seed, logging_steps=max(1, steps // 10), report_to=[], save_strategy="no", use_cpu=True,
         disable_tqdm=True, dataloader_drop_last=True)
-    model = build_model(seed)
+    model = initial_model(seed, args)
     if arm.startswith("colm"):
         keep = {"small_sources": []} if arm == "colm-nokeep" else {"small_source_fraction": 0.15}
         config = CoLMConfig(coreset_ratio=0.5, **keep, seed=seed,
@@ -266,7 +313,10 @@ def summarize(results, memory, times, lrs, args) -> tuple[str, dict]:
     table = common.markdown_table(
         ["arm", "lr", *[f"{s} test loss" for s in SOURCES], "overall (mean ± sd)", "peak tensor memory",
          "x random-b", "step time x random-b"], rows)
-    lines = [f"# CoLM vs random mini-batches ({len(args.seeds)} seeds, {args.steps} steps, b = {args.batch})", "",
+    start = (f", fine-tuned from {args.warm_start_steps} WikiText-2 pre-training steps" if args.warm_start_steps
+             else ", from random init")
+    title = f"# CoLM vs random mini-batches ({len(args.seeds)} seeds, {args.steps} steps, b = {args.batch}{start})"
+    lines = [title, "",
              "Command: `python benchmarks/colm.py " + " ".join(sys.argv[1:]) + "`", "", table, ""]
     verdict = {}
     if {"colm", "random-b", "random-2b"} <= set(means):

@@ -140,6 +140,23 @@ def test_colm_benchmark_runs_every_arm_and_reports_targets(tmp_path):
     assert_outputs(tmp_path, "colm", ["random-b", "random-2b", "colm"])
 
 
+def test_colm_fine_tuning_protocol_starts_every_arm_of_a_seed_from_one_pretrained_model(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks import colm
+
+    warm = SimpleNamespace(warm_start_steps=3, batch=4, seq=16)
+    first, second = colm.initial_model(0, warm), colm.initial_model(0, warm)
+    scratch = colm.initial_model(0, SimpleNamespace(warm_start_steps=0))
+    for a, b, c in zip(first.parameters(), second.parameters(), scratch.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, c) for a, c in zip(first.parameters(), scratch.parameters()))
+    colm.main(["--steps", "4", "--seeds", "0", "--lr", "1e-3", "--batch", "4", "--train-size", "200",
+               "--heldout", "8", "--matching-every", "2", "--time-rounds", "1", "--warm-start-steps", "3",
+               "--out-dir", str(tmp_path)])
+    assert_outputs(tmp_path, "colm", ["fine-tuned from 3 WikiText-2 pre-training steps"])
+
+
 def test_cuber_validation_grid_chooses_the_scales_update_and_lr_and_chosen_from_names_what_is_missing(tmp_path):
     from benchmarks import cuber
 
