@@ -329,11 +329,11 @@ def summarize(results, memory, times, lrs, args) -> tuple[str, dict]:
             verdict["random-2b peak / random-b peak"] = memory["random-2b"] / memory["random-b"]
             verdict["peak memory at the b level (<= 1.10)"] = memory["colm"] / memory["random-b"] <= 1.10
         lines += ["Targets:", ""] + [f"- {k}: {v if isinstance(v, bool) else f'{v:.4f}'}" for k, v in verdict.items()]
-    colm_runs = [r for r in results if r["arm"].startswith("colm")]
-    if colm_runs:
+    for arm in (a for a in args.arms if a.startswith("colm")):
+        colm_runs = [r for r in results if r["arm"] == arm]
         mean = lambda key: statistics.fmean(r[key] for r in colm_runs)  # noqa: E731
         coverage = {s: statistics.fmean(r["coverage"][s] for r in colm_runs) for s in SOURCES}
-        lines += ["", f"CoLM diagnostics (mean over seeds): gradient-matching cosine with the full 2b batch "
+        lines += ["", f"{arm} diagnostics (mean over seeds): gradient-matching cosine with the full 2b batch "
                       f"{mean('matching_cosine'):.3f} (a uniform random b-subset: "
                       f"{mean('matching_cosine_random'):.3f});"
                       f" selection {1000 * mean('selection_seconds'):.1f} ms per step; share of each source's "
