@@ -177,7 +177,7 @@ def pretrain(seed: int, steps: int, batch: int, seq: int) -> dict:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         print(json.dumps({"pretrain_seed": seed, "steps": steps, "final_loss": float(loss.detach())}), flush=True)
-        _PRETRAINED[key] = {k: v.clone() for k, v in model.state_dict().items()}
+        _PRETRAINED[key] = model.state_dict()  # the model is dropped here, so its tensors are not shared
     return _PRETRAINED[key]
 
 
