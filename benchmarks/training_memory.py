@@ -16,7 +16,8 @@ that sliced code on the fake tensors, so the estimate sees its slice-sized tempo
 Validation: a small LLaMA is trained for real on this machine's CPU, once per mode, and the peak of the same step is
 read from the PyTorch profiler's allocator events (``profile_memory=True``: every CPU allocation and free, in
 order; peak = the most bytes live during the measured step, counting everything allocated since the model was
-built). The estimate must be within 10% of it.
+built; the 8-bit quantizer's constant tables, 2 x 64 KB kept for the process, are built before and left out of
+both figures). The estimate must be within 10% of it.
 
     python benchmarks/training_memory.py                          # 1B and 7B, every mode; validation; ~15 min
     python benchmarks/training_memory.py --sizes 1B --modes galore --no-validate
@@ -184,6 +185,11 @@ def measure(name, shape, args, checkpointing, vocab) -> int:
     """Peak bytes of the same step trained for real (CPU), from the profiler's allocation and free events."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from hf_lowrank.optim import get_mode
+    from hf_lowrank.optim.inner import AdamW8bit
+
+    if name != TORCH_ADAMW and get_mode(name.partition("+")[0]).inner == "adamw8bit":
+        AdamW8bit().build_tables(torch.device("cpu"))  # process constants, not in the estimate either
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model, optimizer, ids = setup(name, shape, args, checkpointing, vocab, fake=False)
@@ -299,10 +305,11 @@ def main(argv=None):
         hidden, intermediate, heads, layers, vocab = args.val_shape
         sections += [
             "## Validation: estimate vs a real run on this machine", "",
-            f"LLaMA hidden {hidden}, intermediate {intermediate}, {heads} heads, {layers} layers, vocab {vocab}, bf16, "
-            f"{args.batch} x {args.seq} tokens, rank {args.val_rank}, CPU. Measured: the PyTorch profiler's CPU "
+            f"LLaMA hidden {hidden}, intermediate {intermediate}, {heads} heads, {layers} layers, vocab {vocab}, "
+            f"bf16, {args.batch} x {args.seq} tokens, rank {args.val_rank}, CPU. Measured: the PyTorch profiler's CPU "
             f"allocator events (profile_memory=True), peak bytes live during the measured step, counting everything "
-            f"allocated since the model was built.", "",
+            f"allocated since the model was built (the 8-bit quantizer's constant tables, 2 x 64 KB built before the "
+            f"model and kept for the process, are in neither figure).", "",
             markdown_table(["mode", "activation checkpointing", "estimate (MB)", "measured (MB)", "difference"],
                            val_rows), "",
             f"Target: every estimate within 10% of the measured peak: {'met' if within else 'MISSED'}.", "",

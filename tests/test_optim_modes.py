@@ -88,6 +88,27 @@ def test_8bit_matches_bitsandbytes_adam8bit():
     assert optimizers[0].state[ours]["exp_avg"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_slice_quantizer_gives_bitsandbytes_cpu_codes_bit_for_bit(signed):
+    """The torch-op quantizer of the sliced 8-bit path returns exactly the codes and absmax of bitsandbytes' CPU
+    kernel: every magnitude from 1e-9 to 1e3, an all-zero block, values at +-absmax, a partial last block."""
+    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    from hf_lowrank.optim.inner import AdamW8bit
+
+    inner = AdamW8bit()
+    code, lut = inner._code(signed, torch.device("cpu")), inner._lut(signed, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    scales = 10.0 ** torch.empty(4096, 1).uniform_(-9, 3, generator=generator)
+    values = torch.randn(4096, 256, generator=generator) * scales
+    values[7] = 0.0
+    values = values.abs() if not signed else values
+    values = values.reshape(-1)[:-100]  # the last block has 156 values
+    got_codes, got_absmax = inner._quantize_slice(values.clone(), lut)
+    want_codes, want_absmax = torch.ops.bitsandbytes.quantize_blockwise(values, code, 256)
+    assert torch.equal(got_absmax, want_absmax)
+    assert torch.equal(got_codes, want_codes)
+
+
 @pytest.mark.parametrize("slice_kernel", ["fused", "foreach"])
 @pytest.mark.parametrize("low_rank", [False, True])
 def test_8bit_slices_equal_one_fused_update(monkeypatch, low_rank, slice_kernel):
