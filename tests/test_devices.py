@@ -45,6 +45,32 @@ def test_merge_and_unload_keeps_frozen_parameters_frozen(device):
     assert merged.model.layers[0].mlp.up_proj.weight.requires_grad
 
 
+def test_random_projector_draws_on_the_gradient_device_and_resumes_there(device):
+    """The Gaussian is drawn by the device's own generator (no host draw or copy); a resumed projector, its state
+    mapped to the CPU and back as a checkpoint would be, redraws the same basis, and so do later refreshes."""
+    from hf_lowrank.projectors.random import GENERATOR_DEVICE_TYPES
+
+    grad = torch.randn(32, 48, device=device)
+    projector = get_projector("random", grad.shape, 4, seed=5)
+    projector.update(grad)
+    saved = {k: v.cpu() for k, v in projector.state_dict().items()}
+    assert GENERATOR_DEVICE_TYPES[int(saved["generator_device"])] == device.type
+    assert projector.basis().device.type == device.type
+    first = projector.basis().clone()
+    resumed = get_projector("random", grad.shape, 4, seed=5)
+    resumed.load_state_dict({k: v.to(device) for k, v in saved.items()})
+    assert torch.equal(resumed.basis(), first)
+    projector.update(grad)
+    resumed.update(grad)
+    assert torch.equal(resumed.basis(), projector.basis())
+    if device.type != "cpu":  # state left on the CPU: the recorded device's generator draws, the CPU's QR runs
+        on_cpu = get_projector("random", grad.shape, 4, seed=5)
+        on_cpu.load_state_dict(saved)
+        q = on_cpu.basis()
+        assert q.device.type == "cpu"
+        torch.testing.assert_close(q @ q.T, (first @ first.T).cpu(), rtol=0, atol=1e-5)  # QR signs may differ
+
+
 def test_quantized_randomized_projector_keeps_and_saves_its_sketch_counter(device):
     shape, grad = (32, 48), torch.randn(32, 48, device=device)
     projector = get_projector("randomized", shape, 4, quant_bits=4, quant_group_size=32)

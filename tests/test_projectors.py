@@ -137,7 +137,7 @@ def test_state_sizes_dct_indices_random_seed():
         p.update(g)
     assert svd.state_bytes() == 512 * 64 * 4
     assert dct.state_bytes() == 64 * 4
-    assert rnd.state_bytes() == 8
+    assert rnd.state_bytes() == 16  # the draw counter and the generator's device type
 
 
 def test_quantized_projector_is_int4_packed_and_close():
@@ -189,7 +189,27 @@ def test_dense_basis_is_stored_in_the_gradient_dtype():
 def test_random_projector_sizes_state_on_meta_without_drawing():
     proj = get_projector("random", (4096, 11008), 1024)
     proj.update(torch.empty(4096, 11008, device="meta"))
-    assert proj.basis().device.type == "meta" and proj.state_bytes() == 8
+    assert proj.basis().device.type == "meta" and proj.state_bytes() == 16
+
+
+def test_random_projector_resumes_on_its_generator_device_type_or_says_why_it_cannot():
+    """A resumed run draws on the device type that drew the first basis (a CUDA generator's numbers differ from
+    the CPU's); where that type is missing, loading is a clear error. A state without the key was drawn on CPU."""
+    from hf_lowrank.projectors.random import GENERATOR_DEVICE_TYPES
+
+    proj = get_projector("random", (24, 40), 4, seed=3)
+    proj.update(torch.zeros(24, 40))
+    state = proj.state_dict()
+    assert GENERATOR_DEVICE_TYPES[int(state["generator_device"])] == "cpu"
+    legacy = get_projector("random", (24, 40), 4, seed=3)
+    legacy.load_state_dict({"draw": state["draw"]})
+    assert torch.equal(legacy.basis(), proj.basis())
+    missing = next((t for t in GENERATOR_DEVICE_TYPES[1:] if not getattr(torch, t).is_available()), None)
+    if missing is None:
+        pytest.skip("every accelerator type is available")
+    foreign = {**state, "generator_device": torch.tensor(GENERATOR_DEVICE_TYPES.index(missing))}
+    with pytest.raises(RuntimeError, match=f"drawn with a {missing} generator.*Resume where {missing}"):
+        get_projector("random", (24, 40), 4, seed=3).load_state_dict(foreign)
 
 
 def test_subspace_iteration_starts_exact_then_tracks_the_subspace_from_the_previous_basis():
